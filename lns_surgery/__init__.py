@@ -1,0 +1,37 @@
+"""LayerNorm Scaling surgery for pretrained Hugging Face decoders.
+
+The public API is imported lazily so that ``import lns_surgery`` (and the CLI's ``--help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    "convert": "lns_surgery.conversion.convert",
+    "fold": "lns_surgery.conversion.convert",
+    "inspect_checkpoint": "lns_surgery.conversion.convert",
+    "apply_layernorm_scaling": "lns_surgery.conversion.apply",
+    "set_lns_alpha": "lns_surgery.conversion.apply",
+    "is_lns_model": "lns_surgery.conversion.apply",
+    "supported_architectures": "lns_surgery.conversion.registry",
+    "register_auto_classes": "lns_surgery.modeling.auto",
+    "layer_scale": "lns_surgery.modeling.lns_layers",
+    "load_model": "lns_surgery.loading",
+    "load_tokenizer": "lns_surgery.loading",
+    "LNSError": "lns_surgery.errors",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'lns_surgery' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_API))

@@ -1,0 +1,1 @@
+"""Depth diagnostics: layer-removal drop, angular distance and per-layer variance."""

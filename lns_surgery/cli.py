@@ -1,0 +1,68 @@
+"""The `lns-surgery` command line: a thin layer over the Python API.
+
+Each command lives beside the stage it drives (``lns_surgery/<stage>/cli.py``) and is imported only
+when it runs, so ``lns-surgery --help`` does not pay for importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from lns_surgery.errors import LNSError
+
+# command name -> (module, attribute, one-line help shown by `lns-surgery --help`)
+COMMANDS = {
+    "convert": ("lns_surgery.conversion.cli", "convert_command", "Convert a pretrained checkpoint to LayerNorm Scaling."),
+    "fold": ("lns_surgery.conversion.cli", "fold_command", "Fold an LNS checkpoint's scales into stock weights."),
+    "inspect": ("lns_surgery.conversion.cli", "inspect_command", "Show a checkpoint's layers, norms, scales and LNS status."),
+    "archs": ("lns_surgery.conversion.cli", "archs_command", "List the supported architectures."),
+    "init": ("lns_surgery.training.cli", "init_command", "Create a from-scratch (LNS or Pre-LN) model."),
+    "pretrain": ("lns_surgery.training.cli", "pretrain_command", "Continued pre-training (healing) from a YAML recipe."),
+    "sft": ("lns_surgery.training.cli", "sft_command", "Supervised fine-tuning (LoRA/full) from a YAML recipe."),
+    "analyze": ("lns_surgery.analysis.cli", "analyze_command", "Measure depth utilisation of one or more models."),
+    "push": ("lns_surgery.publish.cli", "push_command", "Validate and publish a checkpoint to the Hugging Face Hub."),
+    "demo": ("lns_surgery.demo.cli", "demo_command", "Run the whole pipeline offline on the built-in model."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module_name, attribute, _ = COMMANDS[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:  # a stage that this install does not have
+            if not exc.name or not exc.name.startswith("lns_surgery"):
+                raise
+            return None
+        return getattr(module, attribute, None)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, help_text) for name, (_, _, help_text) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LNSError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lns-surgery")
+def main():
+    """LayerNorm Scaling surgery for pretrained Hugging Face decoders."""

@@ -1,0 +1,1 @@
+"""Converting checkpoints: the architecture registry, detection, code and fold modes."""

@@ -1,0 +1,83 @@
+"""LayerNorm Scaling on a model that is already in memory."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from lns_surgery.conversion.registry import Architecture, lookup
+from lns_surgery.errors import LNSError
+
+logger = logging.getLogger(__name__)
+
+
+def architecture_for_model(model: nn.Module, layers: str | None = None, norms: list[str] | None = None) -> Architecture:
+    """The registry entry for the model's ``model_type``, or what inspection finds (``layers``/``norms`` override)."""
+    from lns_surgery.conversion.detect import detect_architecture
+
+    arch = lookup(model.config.model_type)
+    if arch is not None and layers is None and norms is None:
+        return arch
+    if arch is not None:
+        layers = layers or arch.layers
+    detected = detect_architecture(model, layers=layers, norms=norms)
+    if arch is not None:  # a registry family with user-chosen norms keeps the registry's classes
+        return Architecture(arch.model_type, detected.layers, detected.norms, detected.norm_kind, arch.classes, detected=True)
+    return detected
+
+
+def is_lns_model(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "lns", None))
+
+
+def apply_layernorm_scaling(
+    model: nn.Module,
+    alpha: float = 1.0,
+    *,
+    layers: str | None = None,
+    norms: list[str] | None = None,
+) -> nn.Module:
+    """Turn a stock transformers model into its LNS counterpart, in place, and return it.
+
+    The model's class becomes the LNS class (``LlamaForCausalLM`` -> ``LNSLlamaForCausalLM``) and its
+    config gets ``model_type`` ``lns_<base>`` and an ``lns`` block, so ``save_pretrained`` writes a
+    checkpoint that loads with ``trust_remote_code=True`` and never as the stock model. Parameters,
+    their names and the state dict are unchanged. A model that already has LNS is returned as it is
+    (the scales are never applied twice); change its ``alpha`` with ``model.set_lns_alpha``.
+    """
+    from lns_surgery.modeling.auto import register
+    from lns_surgery.modeling.lns_layers import apply_scaling
+
+    config = model.config
+    if is_lns_model(model):
+        logger.warning("the model already has LayerNorm Scaling (alpha=%s); left unchanged", config.lns.get("alpha"))
+        return model
+    if getattr(config, "lns_folded", None):
+        raise LNSError("this model's weights already have LayerNorm Scaling folded in; scaling again would apply it twice")
+    if type(model).__name__.startswith("Peft"):
+        raise LNSError("apply LayerNorm Scaling before wrapping the model with PEFT")
+    arch = architecture_for_model(model, layers, norms)
+    lns = arch.lns_block(alpha, source={"model": getattr(config, "name_or_path", "") or None})
+    classes = register(lns)
+    auto_name = next((auto for auto, name in arch.classes.items() if name == type(model).__name__), None)
+    if classes is None or auto_name is None or auto_name == "config":
+        raise LNSError(
+            f"no LNS class for {type(model).__name__}; supported: "
+            + ", ".join(name for auto, name in arch.classes.items() if auto != "config")
+        )
+    model.__class__ = classes[auto_name]
+    config.__class__ = classes["config"]
+    config.lns = lns
+    config.architectures = [model.__class__.__name__]
+    apply_scaling(model, lns)
+    return model
+
+
+def set_lns_alpha(model: nn.Module, alpha: float) -> None:
+    """Set the LNS strength of every block (1 = full 1/sqrt(l), 0 = the original function)."""
+    from lns_surgery.modeling.lns_layers import set_alpha
+
+    if not is_lns_model(model):
+        raise LNSError("the model has no LayerNorm Scaling to adjust")
+    set_alpha(model, alpha)

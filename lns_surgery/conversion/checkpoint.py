@@ -1,0 +1,254 @@
+"""Checkpoint folders on disk: finding them, checking them, and writing new ones safely.
+
+Nothing here loads a model. Weight files are checked from their safetensors headers, copied with
+the filesystem's fastest safe route, and patched tensor by tensor, so converting a 100 GB model needs
+no more memory than converting a 100 MB one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from lns_surgery.errors import LNSError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+_FICLONE = 0x40049409  # ioctl number of Linux's copy-on-write clone (btrfs, XFS, bcachefs)
+
+
+# --- finding the source -------------------------------------------------------------------------
+
+
+def resolve_source(source: str | os.PathLike, revision: str | None = None) -> tuple[Path, dict]:
+    """A local folder for ``source`` (a folder, or a Hub id fetched with huggingface_hub) and its provenance."""
+    if str(source).startswith("builtin:"):
+        from lns_surgery.conversion.builtin import builtin_path
+
+        return builtin_path(str(source)[len("builtin:"):]), {"model": str(source), "revision": None}
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path, {"model": str(source), "revision": revision}
+    if path.exists():
+        raise LNSError(f"'{source}' is a file; give the checkpoint's folder")
+    text = str(source)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or not text.strip():
+        raise LNSError(f"no such checkpoint folder: '{source}'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        folder = snapshot_download(repo_id=text, revision=revision)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        raise LNSError(f"'{source}' is not a local folder and could not be fetched from the Hub (offline?): {_first_line(exc)}") from None
+    except (HfHubHTTPError, ValueError, OSError) as exc:
+        raise LNSError(f"could not fetch '{source}' from the Hub: {_first_line(exc)}") from None
+    return Path(folder), {"model": text, "revision": revision or "main"}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise LNSError(f"'{folder}' has no config.json: not a Hugging Face model folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LNSError(f"'{path}' is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise LNSError(f"'{path}' has no model_type")
+    return config
+
+
+def write_json(path: Path, document: dict) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(document, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+# --- weights ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensors of a safetensors file, from its header only; raises LNSError if the file is damaged."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw_length = handle.read(8)
+        if len(raw_length) < 8:
+            raise LNSError(f"'{path.name}' is not a safetensors file (too short)")
+        (header_length,) = struct.unpack("<Q", raw_length)
+        if header_length > min(size - 8, 100_000_000):
+            raise LNSError(f"'{path.name}' is truncated or not a safetensors file")
+        try:
+            header = json.loads(handle.read(header_length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LNSError(f"'{path.name}' has a damaged header") from None
+    data_start = 8 + header_length
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        entries[name] = TensorEntry(path, info["dtype"], tuple(info["shape"]), data_start + begin, data_start + end)
+    expected = max((entry.end for entry in entries.values()), default=data_start)
+    if size < expected:
+        raise LNSError(f"'{path.name}' is truncated: {size} bytes, its header needs {expected}")
+    return entries
+
+
+def weight_map(folder: Path) -> dict[str, TensorEntry] | None:
+    """Every tensor of a safetensors checkpoint (one file or an indexed set of shards), checked.
+
+    Returns None for checkpoints stored only as PyTorch ``.bin`` files (they can be copied, not read).
+    """
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shard_of = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise LNSError(f"'{index.name}' is damaged (no weight_map)") from None
+        shards = sorted(set(shard_of.values()))
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise LNSError(f"shard '{missing[0]}' named in {index.name} is missing from '{folder}'")
+        tensors = {}
+        for shard in shards:
+            tensors.update(read_safetensors_header(folder / shard))
+        absent = [name for name, shard in shard_of.items() if name not in tensors]
+        if absent:
+            raise LNSError(f"tensor '{absent[0]}' named in {index.name} is not in its shard")
+        return tensors
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return read_safetensors_header(single)
+    if (folder / "pytorch_model.bin").is_file() or (folder / BIN_INDEX).is_file():
+        return None
+    raise LNSError(f"'{folder}' has no weights (model.safetensors, an index, or pytorch_model.bin)")
+
+
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def read_tensor(entry: TensorEntry):
+    import torch
+
+    if entry.dtype not in _DTYPES:
+        raise LNSError(f"cannot rescale a {entry.dtype} tensor in '{entry.file.name}'")
+    with open(entry.file, "rb") as handle:
+        handle.seek(entry.start)
+        raw = bytearray(handle.read(entry.end - entry.start))
+    return torch.frombuffer(raw, dtype=getattr(torch, _DTYPES[entry.dtype])).reshape(entry.shape).clone()
+
+
+def write_tensor_in_place(file: Path, entry: TensorEntry, tensor) -> None:
+    """Overwrite one tensor's bytes in ``file`` (a copy laid out like ``entry.file``)."""
+    import torch
+
+    data = tensor.to(getattr(torch, _DTYPES[entry.dtype])).contiguous().view(torch.uint8).numpy().tobytes()
+    if len(data) != entry.end - entry.start:
+        raise AssertionError("rescaled tensor changed size")
+    with open(file, "r+b") as handle:
+        handle.seek(entry.start)
+        handle.write(data)
+
+
+# --- copying ------------------------------------------------------------------------------------
+
+
+def copy_file(source: Path, target: Path, link: str = "auto") -> str:
+    """Copy one file the fastest safe way; returns how ("reflink", "hardlink" or "copy").
+
+    ``auto`` uses a copy-on-write clone where the filesystem has one, else a kernel-side copy. Hard
+    links are faster still but share the source's bytes: anything that later rewrites the output in
+    place would change the original too, so they are used only when asked for.
+    """
+    if link == "hardlink":
+        try:
+            os.link(source, target)
+            return "hardlink"
+        except OSError:
+            pass
+    if link in ("auto", "hardlink"):
+        try:
+            with open(source, "rb") as src, open(target, "wb") as dst:
+                fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+            return "reflink"
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EPERM):
+                raise
+    shutil.copyfile(source, target)  # sendfile / copy_file_range: the kernel moves the bytes
+    return "copy"
+
+
+def copy_folder(source: Path, target: Path, skip: set[str] = frozenset(), link: str = "auto") -> None:
+    """Copy every file of ``source`` into ``target`` (keeping sub-folders) except the names in ``skip``."""
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if relative.parts[0] in {".git", ".cache"} or str(relative) in skip:
+            continue
+        destination = target / relative
+        if path.is_dir():
+            destination.mkdir(parents=True, exist_ok=True)
+        else:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            copy_file(path.resolve(), destination, link)
+
+
+# --- writing the output -------------------------------------------------------------------------
+
+
+def check_output(out: Path, overwrite: bool, source: Path | None = None) -> None:
+    if source is not None and out.resolve() == source.resolve():
+        raise LNSError("--out must differ from the input folder")
+    if out.exists() and not overwrite:
+        raise LNSError(f"'{out}' already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise LNSError(f"'{out}' exists and is not a folder")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False):
+    """Yield a temporary folder beside ``out`` that becomes ``out`` only if the block finishes.
+
+    An error or Ctrl-C removes it; a killed process leaves only a hidden ``.NAME.lns-tmp-PID`` folder,
+    never a half-written checkpoint at ``out``.
+    """
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.parent / f".{out.name}.lns-tmp-{os.getpid()}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir()
+    try:
+        yield temporary
+        if out.exists():
+            old = out.parent / f".{out.name}.lns-old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(temporary, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(temporary, out)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise

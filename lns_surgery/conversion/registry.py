@@ -1,0 +1,159 @@
+"""The architecture registry: where LayerNorm Scaling acts in each supported model family.
+
+The knowledge is data (``architectures.json``, shipped with the package); this module only loads and
+validates it. An entry whose transformers classes are missing from the installed transformers is
+left out, so the registry always describes what this installation can build.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+
+from lns_surgery.errors import LNSError
+from lns_surgery.modeling.lns_layers import NORM_KINDS
+
+AUTO_CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the two pre-sublayer norms of one ``model_type`` live, and what they compute."""
+
+    model_type: str
+    layers: str = ""
+    norms: tuple[str, ...] = ()
+    norm_kind: str = ""
+    classes: dict = field(default_factory=dict)  # "config" and Auto class name -> stock class name
+    refuse: str | None = None  # why this architecture cannot be converted
+    detected: bool = False  # found by inspection rather than read from the registry
+
+    def __post_init__(self):
+        if self.refuse:
+            return
+        problems = []
+        if not self.layers:
+            problems.append("'layers' is empty")
+        if len(self.norms) < 1 or len(set(self.norms)) != len(self.norms):
+            problems.append(f"'norms' must name distinct norms, got {list(self.norms)}")
+        if self.norm_kind not in NORM_KINDS:
+            problems.append(f"'norm_kind' {self.norm_kind!r} is not one of {', '.join(NORM_KINDS)}")
+        if "config" not in self.classes or "AutoModelForCausalLM" not in self.classes:
+            problems.append("'classes' must name at least 'config' and 'AutoModelForCausalLM'")
+        unknown = set(self.classes) - {"config", *AUTO_CLASSES}
+        if unknown:
+            problems.append(f"'classes' has unknown keys {sorted(unknown)}")
+        if problems:
+            raise ValueError(f"architecture {self.model_type!r}: " + "; ".join(problems))
+
+    def norm_parameter_names(self, num_layers: int) -> list[str]:
+        """State-dict names of every norm parameter LNS touches (``model.layers.3.input_layernorm.weight``)."""
+        suffixes = {"rmsnorm": ("weight",), "gemma_rmsnorm": ("weight",), "layernorm": ("weight", "bias")}
+        return [
+            f"{self.layers}.{index}.{norm}.{suffix}"
+            for index in range(num_layers)
+            for norm in self.norms
+            for suffix in suffixes.get(self.norm_kind, ())
+        ]
+
+    def lns_block(self, alpha: float = 1.0, source: dict | None = None, tool_version: str | None = None) -> dict:
+        """The ``lns`` block of an LNS checkpoint's config.json."""
+        from lns_surgery.modeling.lns_layers import RULE, SCHEMA_VERSION
+
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "rule": RULE,
+            "alpha": float(alpha),
+            "base_model_type": self.model_type,
+            "layers": self.layers,
+            "norms": list(self.norms),
+            "norm_kind": self.norm_kind,
+            "base_classes": dict(self.classes),
+            "source": source or {},
+            "tool_version": tool_version or _tool_version(),
+        }
+
+
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lns-surgery")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _class_exists(name: str) -> bool:
+    import transformers
+
+    try:
+        getattr(transformers, name)
+    except (AttributeError, ImportError):
+        return False
+    return True
+
+
+def parse_registry(document: dict) -> dict[str, Architecture]:
+    """Validate a registry document and keep what the installed transformers can build."""
+    if document.get("schema_version") != 1 or not isinstance(document.get("architectures"), dict):
+        raise ValueError("architecture registry: expected schema_version 1 and an 'architectures' mapping")
+    registry = {}
+    for model_type, entry in document["architectures"].items():
+        allowed = {"layers", "norms", "norm_kind", "classes", "refuse"}
+        if not isinstance(entry, dict) or set(entry) - allowed:
+            raise ValueError(f"architecture {model_type!r}: unknown keys {sorted(set(entry) - allowed)}")
+        if "refuse" in entry:
+            registry[model_type] = Architecture(model_type=model_type, refuse=entry["refuse"])
+            continue
+        classes = {key: name for key, name in entry.get("classes", {}).items() if _class_exists(name)}
+        if "config" not in classes or "AutoModelForCausalLM" not in classes:
+            continue  # this transformers does not have the family
+        registry[model_type] = Architecture(
+            model_type=model_type,
+            layers=entry.get("layers", ""),
+            norms=tuple(entry.get("norms", ())),
+            norm_kind=entry.get("norm_kind", ""),
+            classes=classes,
+        )
+    return registry
+
+
+def _registry_document() -> dict:
+    text = resources.files("lns_surgery.conversion").joinpath("architectures.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+@functools.cache
+def load_registry() -> dict[str, Architecture]:
+    return parse_registry(_registry_document())
+
+
+def supported_architectures() -> list[Architecture]:
+    return [arch for arch in load_registry().values() if not arch.refuse]
+
+
+def lookup(model_type: str) -> Architecture | None:
+    """The registry entry for ``model_type``; raises for architectures that must be refused."""
+    arch = load_registry().get(model_type)
+    if arch is not None and arch.refuse:
+        raise LNSError(f"cannot apply LayerNorm Scaling to '{model_type}': {arch.refuse}")
+    return arch
+
+
+def architecture_table(plain: bool = False) -> str:
+    """The registry as the README's Markdown table (or aligned plain text), from the data file itself."""
+    rows = []
+    for model_type, entry in _registry_document()["architectures"].items():
+        if "refuse" in entry:
+            rows.append((model_type, "-", "-", "refused: " + entry["refuse"]))
+        else:
+            rows.append((model_type, entry["layers"], ", ".join(entry["norms"]), entry["norm_kind"]))
+    header = ("model_type", "layers", "scaled norms", "norm kind")
+    if plain:
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+        return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row[:3], widths)), row[3]]) for row in [header, *rows])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(f"`{cell}`" if i < 3 and cell != "-" else cell for i, cell in enumerate(row)) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The offline end-to-end demo and its built-in base model."""

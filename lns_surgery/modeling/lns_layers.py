@@ -1,0 +1,291 @@
+"""LayerNorm Scaling (Sun et al., "The Curse of Depth in Large Language Models", 2025).
+
+Block l (counted from 1) of a Pre-LN decoder computes
+
+    h = x + Attn(Norm_attn(x) / sqrt(l))
+    y = h + FFN(Norm_ffn(h) / sqrt(l))
+
+This file ships verbatim inside every LNS checkpoint (next to ``configuration_lns.py`` and
+``modeling_lns.py``) and is also what lns-surgery itself runs, so it imports only torch and
+transformers and keeps no state outside the modules it touches.
+
+How the scale is applied: each targeted norm module keeps its class's parameters (same names,
+shapes and state-dict keys) and is given a subclass whose forward multiplies the norm's *effective
+weight* by the scale c (``c * w``, ``c * (1 + w)`` for Gemma, ``c * w`` and ``c * b`` for LayerNorm).
+That is the same function, with the same gradient, as scaling the norm's output, but it costs a
+multiply over a hidden-size vector instead of a pass over the activations. The scale is a plain
+Python float recomputed from the layer index whenever the model is built, so nothing can wipe it:
+meta-device init, ``to_empty``, ``.to(dtype)``, ``deepcopy`` and PEFT's module copies all keep it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCHEMA_VERSION = 1
+RULE = "1/sqrt(l)"
+CODE_FILES = ("lns_layers.py", "configuration_lns.py", "modeling_lns.py")
+NORM_KINDS = ("rmsnorm", "gemma_rmsnorm", "layernorm", "layernorm_no_affine")
+
+
+def layer_scale(layer_index: int, alpha: float = 1.0) -> float:
+    """Scale of the norms of the block at 0-based ``layer_index``: 1/sqrt(index + 1) at alpha=1.
+
+    ``alpha`` moves it linearly from 1 (alpha=0, the original function) to the full LNS scale (alpha=1);
+    training ramps use it to start healing from the model's original function.
+    """
+    full = 1.0 / math.sqrt(layer_index + 1)
+    return 1.0 + alpha * (full - 1.0)
+
+
+# --- norm forwards with the scale inside the effective weight -----------------------------------
+
+
+def _rmsnorm_forward(self, hidden_states):
+    # Llama's RMSNorm (and its copies in Mistral, Qwen, Phi-3, Granite, DeepSeek, ...), weight c * w.
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    eps = self.variance_epsilon if hasattr(self, "variance_epsilon") else self.eps
+    hidden_states = hidden_states * torch.rsqrt(variance + eps)
+    return (self.weight * self.lns_scale) * hidden_states.to(input_dtype)
+
+
+def _gemma_rmsnorm_forward(self, x):
+    # Gemma computes x_hat * (1 + w) in fp32: the effective weight is c * (1 + w), also in fp32.
+    output = x.float()
+    output = output * torch.rsqrt(output.pow(2).mean(-1, keepdim=True) + self.eps)
+    output = output * ((1.0 + self.weight.float()) * self.lns_scale)
+    return output.type_as(x)
+
+
+def _layernorm_forward(self, input):
+    # nn.LayerNorm (GPT-2, GPT-NeoX, ...): c * (w * x_hat + b) = (c * w) * x_hat + c * b.
+    weight = self.weight * self.lns_scale if self.weight is not None else None
+    bias = self.bias * self.lns_scale if self.bias is not None else None
+    return F.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
+
+
+def _scaled_output_forward(self, *args, **kwargs):
+    # A norm with no parameters (OLMo) has no weight to carry the scale: scale its output.
+    return super(type(self), self).forward(*args, **kwargs) * self.lns_scale
+
+
+_FORWARDS = {
+    "rmsnorm": _rmsnorm_forward,
+    "gemma_rmsnorm": _gemma_rmsnorm_forward,
+    "layernorm": _layernorm_forward,
+    "layernorm_no_affine": _scaled_output_forward,
+}
+
+_SCALED_CLASSES: dict = {}
+
+
+def _extra_repr(self):
+    base = super(type(self), self).extra_repr()
+    return f"{base}, lns_scale={self.lns_scale:.6g}" if base else f"lns_scale={self.lns_scale:.6g}"
+
+
+def scaled_norm_class(base: type, kind: str) -> type:
+    """The subclass of ``base`` whose forward applies ``self.lns_scale`` (one class per base and kind).
+
+    It keeps the base's name inside its own (``LNSLlamaRMSNorm``), so ``isinstance`` checks and
+    transformers' name-based weight initialisation treat it exactly like the stock norm.
+    """
+    if kind not in _FORWARDS:
+        raise ValueError(f"unknown norm kind {kind!r}; expected one of {', '.join(NORM_KINDS)}")
+    key = (base, kind)
+    if key not in _SCALED_CLASSES:
+        name = f"LNS{base.__name__}"
+        cls = type(name, (base,), {"forward": _FORWARDS[kind], "extra_repr": _extra_repr, "lns_kind": kind})
+        cls.__module__ = __name__
+        cls.__qualname__ = name
+        globals().setdefault(name, cls)  # picklable by name
+        _SCALED_CLASSES[key] = cls
+    return _SCALED_CLASSES[key]
+
+
+def is_scaled_norm(module: nn.Module) -> bool:
+    # A class attribute rather than a registry lookup: norms scaled by another copy of this file
+    # (a checkpoint's remote code) must be recognised too, or they could be scaled twice.
+    return hasattr(type(module), "lns_kind")
+
+
+def resolve_layers(model: nn.Module, layers_path: str) -> nn.ModuleList:
+    """The decoder's block list at ``layers_path`` (e.g. ``model.layers``), also on the bare base model."""
+    try:
+        return model.get_submodule(layers_path)
+    except AttributeError:
+        prefix = getattr(model, "base_model_prefix", "")
+        head, _, rest = layers_path.partition(".")
+        if head == prefix and rest:
+            return model.get_submodule(rest)
+        raise
+
+
+def apply_scaling(model: nn.Module, lns: dict) -> nn.Module:
+    """Give each targeted norm its scaled subclass and the scale for ``lns['alpha']``. Idempotent.
+
+    Norms that PEFT has wrapped (``modules_to_save`` keeps an original and a trained copy) are found
+    inside their wrapper, and every copy gets the scale.
+    """
+    layers = resolve_layers(model, lns["layers"])
+    alpha = float(lns.get("alpha", 1.0))
+    for index, layer in enumerate(layers):
+        for norm_name in lns["norms"]:
+            module = layer.get_submodule(norm_name)
+            norms = [m for m in module.modules() if is_scaled_norm(m)]
+            if not norms:
+                module.__class__ = scaled_norm_class(type(module), lns["norm_kind"])
+                norms = [module]
+            for norm in norms:
+                norm.lns_scale = layer_scale(index, alpha)
+    return model
+
+
+def set_alpha(model: nn.Module, alpha: float) -> None:
+    """Move every scale to ``layer_scale(l, alpha)`` and record alpha in the config (ramped surgery)."""
+    if hasattr(model, "get_base_model"):  # a PEFT wrapper
+        model = model.get_base_model()
+    lns = dict(model.config.lns)
+    lns["alpha"] = float(alpha)
+    model.config.lns = lns
+    apply_scaling(model, lns)
+
+
+# --- the model classes --------------------------------------------------------------------------
+
+
+class LayerNormScalingMixin:
+    """Put before a stock transformers model class: builds the stock model, then scales its norms.
+
+    Saving writes this file and the two small files that define the LNS classes next to the
+    weights, with an ``auto_map`` for every Auto class, so the folder loads anywhere with
+    ``trust_remote_code=True``.
+    """
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        apply_scaling(self, config.lns)
+
+    def set_lns_alpha(self, alpha: float) -> None:
+        set_alpha(self, alpha)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_custom_code(save_directory, self.config.lns)
+        return result
+
+
+# --- the code that ships with a checkpoint ------------------------------------------------------
+
+_CONFIGURATION_TEMPLATE = '''"""Configuration of a LayerNorm Scaling (LNS) checkpoint of a `{base_model_type}` model.
+
+Written by lns-surgery. It is the stock {config_class} with its own `model_type`, so that this
+checkpoint can never load as the stock model (which would silently drop the depth scaling).
+"""
+
+{config_import}
+
+
+class {lns_config_class}({config_class}):
+    model_type = "{lns_model_type}"
+'''
+
+_MODELING_HEADER = '''"""LayerNorm Scaling (LNS) model classes for a `{base_model_type}` checkpoint.
+
+Written by lns-surgery. Each class is the stock transformers class with the norms before attention
+and before the MLP of block l scaled by 1/sqrt(l) (see lns_layers.py); weights and their names are
+the stock ones.
+"""
+
+{imports}
+
+from .configuration_lns import {lns_config_class}
+from .lns_layers import LayerNormScalingMixin
+'''
+
+_MODELING_CLASS = '''
+
+class {lns_class}(LayerNormScalingMixin, {base_class}):
+    config_class = {lns_config_class}
+'''
+
+
+def lns_model_type(base_model_type: str) -> str:
+    return f"lns_{base_model_type}"
+
+
+def lns_class_name(base_class_name: str) -> str:
+    return f"LNS{base_class_name.rsplit('.', 1)[-1]}"
+
+
+def _imports(names) -> str:
+    """Import lines for stock class names: ``LlamaModel`` comes from transformers, while
+    ``modeling_foo.FooModel`` comes from the base checkpoint's own code file beside this one."""
+    from_transformers = sorted({name for name in names if "." not in name})
+    lines = [f"from transformers import {', '.join(from_transformers)}"] if from_transformers else []
+    local: dict = {}
+    for name in names:
+        if "." in name:
+            module, class_name = name.rsplit(".", 1)
+            local.setdefault(module, set()).add(class_name)
+    lines += [f"from .{module} import {', '.join(sorted(classes))}" for module, classes in sorted(local.items())]
+    return "\n".join(lines)
+
+
+def render_code(lns: dict) -> dict:
+    """Source text of ``configuration_lns.py`` and ``modeling_lns.py`` for the ``lns`` config block."""
+    classes = lns["base_classes"]
+    config_class = classes["config"]
+    fields = {
+        "base_model_type": lns["base_model_type"],
+        "config_class": config_class.rsplit(".", 1)[-1],
+        "config_import": _imports([config_class]),
+        "lns_config_class": lns_class_name(config_class),
+        "lns_model_type": lns_model_type(lns["base_model_type"]),
+    }
+    model_classes = list(dict.fromkeys(name for auto, name in classes.items() if auto != "config"))
+    modeling = _MODELING_HEADER.format(imports=_imports(model_classes), **fields)
+    for base_class in model_classes:
+        modeling += _MODELING_CLASS.format(
+            lns_class=lns_class_name(base_class), base_class=base_class.rsplit(".", 1)[-1], **fields
+        )
+    return {"configuration_lns.py": _CONFIGURATION_TEMPLATE.format(**fields), "modeling_lns.py": modeling}
+
+
+def auto_map(lns: dict) -> dict:
+    classes = lns["base_classes"]
+    mapping = {"AutoConfig": f"configuration_lns.{lns_class_name(classes['config'])}"}
+    for auto, name in classes.items():
+        if auto != "config":
+            mapping[auto] = f"modeling_lns.{lns_class_name(name)}"
+    return mapping
+
+
+def write_custom_code(save_directory, lns: dict) -> None:
+    """Write the three code files into ``save_directory`` and point ``config.json``'s auto_map at them."""
+    save_directory = os.fspath(save_directory)
+    here = os.path.abspath(__file__)
+    target = os.path.join(save_directory, "lns_layers.py")
+    if os.path.abspath(target) != here:
+        shutil.copyfile(here, target)
+    for name, source in render_code(lns).items():
+        with open(os.path.join(save_directory, name), "w", encoding="utf-8") as handle:
+            handle.write(source)
+    config_path = os.path.join(save_directory, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        config["auto_map"] = auto_map(lns)
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2, sort_keys=True)
+            handle.write("\n")

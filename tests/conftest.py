@@ -1,0 +1,71 @@
+"""Shared test setup: offline Hugging Face libraries, the ../shared material, fresh-process helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+# Before anything imports huggingface_hub or transformers: nothing may reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("LNS_SHARED_DIR", REPO_ROOT.parent / "shared"))
+STORIES = "models/stories260K"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers (tiny_models)
+
+
+def shared_path(relative: str) -> Path:
+    """A file or folder in ../shared; skips the test when it is absent, fails instead when
+    LNS_REQUIRE_SHARED=1 (as in CI), so that no test silently stops running there."""
+    path = SHARED / relative
+    if not path.exists():
+        message = f"needs ../shared/{relative} (the shared models and data of this setup); not found at {path}"
+        if os.environ.get("LNS_REQUIRE_SHARED") == "1":
+            pytest.fail(message + " and LNS_REQUIRE_SHARED=1")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def stories_path() -> Path:
+    return shared_path(STORIES)
+
+
+def run_fresh_python(code: str, cwd: Path | None = None, block_lns_surgery: bool = True, timeout: int = 300):
+    """Run ``code`` in a new interpreter; by default ``import lns_surgery`` fails there, as it would on
+    a machine that only has transformers. Returns the completed process (stdout, stderr, returncode)."""
+    prelude = "import sys\nsys.modules['lns_surgery'] = None\n" if block_lns_surgery else ""
+    env = dict(os.environ)
+    if block_lns_surgery:  # an editable install puts the repo on sys.path through a .pth hook: cwd elsewhere
+        env.pop("PYTHONPATH", None)
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+    )
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``lns-surgery ARGS`` as a user would, in a child process."""
+    return subprocess.run(
+        [sys.executable, "-m", "lns_surgery", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+    )
