@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -14,6 +15,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Remote code loaded by tests is copied into a throw-away module cache, not the user's.
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="lns-test-hf-modules-"))
 
 import pytest  # noqa: E402
 

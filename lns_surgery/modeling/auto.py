@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import functools
 
-from lns_surgery.modeling.lns_layers import LayerNormScalingMixin, lns_class_name, lns_model_type
+from lns_surgery.modeling.lns_layers import (
+    LayerNormScalingMixin,
+    lns_class_name,
+    lns_model_type,
+    share_weight_conversions,
+)
 
 
 def _is_transformers_class(name: str) -> bool:
@@ -27,6 +32,7 @@ def _build_classes(base_model_type: str, base_classes: tuple) -> dict:
         (base_config,),
         {"model_type": lns_model_type(base_model_type), "__module__": __name__},
     )
+    share_weight_conversions(base_model_type, list(classes.values()))
     built = {"config": config_class}
     for auto_name, base_name in classes.items():
         base = getattr(transformers, base_name)

@@ -160,6 +160,29 @@ def set_alpha(model: nn.Module, alpha: float) -> None:
     apply_scaling(model, lns)
 
 
+def share_weight_conversions(base_model_type: str, base_class_names=()) -> None:
+    """Let LNS checkpoints use the base family's checkpoint key conversions.
+
+    transformers 5 renames some weights between the files and the modules (Mixtral's per-expert
+    ``w1/w2/w3`` <-> fused ``gate_up_proj``, GPT-NeoX's ``embed_out`` <-> ``lm_head``), looked up by
+    ``model_type`` and by class name; without this, such checkpoints would load with freshly
+    initialised weights in place of the real ones.
+    """
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # a transformers without checkpoint conversions needs none
+        return
+    pairs = [(lns_model_type(base_model_type), base_model_type)]
+    pairs += [(lns_class_name(name), name.rsplit(".", 1)[-1]) for name in base_class_names]
+    for lns_key, base_key in pairs:
+        mapping = get_checkpoint_conversion_mapping(base_key)
+        if mapping is not None:
+            register_checkpoint_conversion_mapping(lns_key, mapping, overwrite=True)
+
+
 # --- the model classes --------------------------------------------------------------------------
 
 
@@ -210,7 +233,9 @@ the stock ones.
 {imports}
 
 from .configuration_lns import {lns_config_class}
-from .lns_layers import LayerNormScalingMixin
+from .lns_layers import LayerNormScalingMixin, share_weight_conversions
+
+share_weight_conversions("{base_model_type}", {base_class_names!r})
 '''
 
 _MODELING_CLASS = '''
@@ -254,7 +279,7 @@ def render_code(lns: dict) -> dict:
         "lns_model_type": lns_model_type(lns["base_model_type"]),
     }
     model_classes = list(dict.fromkeys(name for auto, name in classes.items() if auto != "config"))
-    modeling = _MODELING_HEADER.format(imports=_imports(model_classes), **fields)
+    modeling = _MODELING_HEADER.format(imports=_imports(model_classes), base_class_names=model_classes, **fields)
     for base_class in model_classes:
         modeling += _MODELING_CLASS.format(
             lns_class=lns_class_name(base_class), base_class=base_class.rsplit(".", 1)[-1], **fields
