@@ -1,0 +1,152 @@
+"""The scale must survive everything that rebuilds, copies or wraps a model.
+
+A public implementation lost it on meta-device initialisation (it lived in a buffer that
+``to_empty`` wiped); these tests run each of those paths and compare with the reference.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lns_reference import hooked_reference
+from tiny_models import VOCAB, tiny_model
+
+import lns_surgery
+from lns_surgery.modeling.auto import register
+
+KINDS = ["llama", "gemma2", "gpt2", "olmo"]  # one per norm kind
+TOLERANCE = 1e-5
+
+
+def _ids():
+    return torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _pair(model_type, alpha=1.0):
+    """(stock model, LNS copy, reference logits, stock logits)."""
+    stock = tiny_model(model_type)
+    ids = _ids()
+    with hooked_reference(stock, model_type, alpha=alpha):
+        reference = _logits(stock, ids)
+    lns = lns_surgery.apply_layernorm_scaling(copy.deepcopy(stock), alpha=alpha)
+    return stock, lns, reference, _logits(stock, ids)
+
+
+def _close(a, b, tol=TOLERANCE):
+    return (a - b).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("model_type", KINDS)
+def test_meta_device_init_then_load_state_dict(model_type):
+    stock, lns, reference, _ = _pair(model_type)
+    classes = register(lns.config.lns)
+    with torch.device("meta"):
+        rebuilt = classes["AutoModelForCausalLM"](copy.deepcopy(lns.config))
+    rebuilt = rebuilt.to_empty(device="cpu")  # what wiped the scale in a public implementation
+    rebuilt.load_state_dict(stock.state_dict(), strict=False)
+    rebuilt.tie_weights()
+    with torch.no_grad():  # non-persistent buffers (rotary inv_freq) are not in the state dict
+        for name, buffer in stock.named_buffers():
+            rebuilt.get_buffer(name).copy_(buffer)
+    assert _close(_logits(rebuilt.eval(), _ids()), reference)
+
+
+@pytest.mark.parametrize("model_type", KINDS)
+def test_from_pretrained_with_device_map_dtype_and_deepcopy(model_type, tmp_path):
+    _, lns, reference, _ = _pair(model_type)
+    lns.save_pretrained(tmp_path)
+    loaded = lns_surgery.load_model(tmp_path, device_map="cpu").eval()
+    assert _close(_logits(loaded, _ids()), reference)
+    assert _close(_logits(copy.deepcopy(loaded), _ids()), reference)
+    # Changing dtype keeps the scales: compare in bf16 with a bf16 reference.
+    half = copy.deepcopy(loaded).to(torch.bfloat16)
+    norms = [m for m in half.modules() if hasattr(m, "lns_scale")]
+    assert norms and {round(m.lns_scale, 6) for m in norms} == {round(1 / (i + 1) ** 0.5, 6) for i in range(4)}
+    stock_half = tiny_model(model_type).to(torch.bfloat16)
+    with hooked_reference(stock_half, model_type):
+        reference_half = _logits(stock_half, _ids())
+    assert (_logits(half, _ids()).float() - reference_half.float()).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_torch_compile(model_type):
+    _, lns, reference, _ = _pair(model_type)
+    compiled = torch.compile(lns, backend="aot_eager")  # dynamo + AOT autograd, no C++ toolchain needed
+    assert _close(_logits(compiled, _ids()), reference)
+
+
+@pytest.mark.parametrize("model_type", KINDS)
+def test_same_gradients_as_scaling_the_output_with_gradient_checkpointing(model_type):
+    stock, lns, _, _ = _pair(model_type)
+    ids = _ids()
+    for module in [*stock.modules(), *lns.modules()]:  # train mode, but deterministic
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with hooked_reference(stock.train(), model_type):
+        stock(input_ids=ids, labels=ids).loss.backward()
+    lns.train()
+    lns.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lns.config.use_cache = False
+    lns(input_ids=ids, labels=ids).loss.backward()
+    reference_grads = {name: p.grad for name, p in stock.named_parameters() if p.grad is not None}
+    grads = {name: p.grad for name, p in lns.named_parameters() if p.grad is not None}
+    assert reference_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, reference_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt2"])
+def test_peft_lora_and_norms_in_modules_to_save(model_type):
+    from peft import LoraConfig, get_peft_model
+
+    stock, lns, reference, stock_logits = _pair(model_type)
+    norm_name = {"gpt2": "ln_1", "gemma2": "input_layernorm", "llama": "input_layernorm"}[model_type]
+    peft_model = get_peft_model(lns, LoraConfig(r=4, target_modules="all-linear", modules_to_save=[norm_name]))
+    assert _close(_logits(peft_model, _ids()), reference)
+    wrapped = [m for name, m in peft_model.named_modules() if name.endswith(norm_name) and hasattr(m, "modules_to_save")]
+    assert wrapped, "the norms should be wrapped by PEFT"
+    assert all(m.modules_to_save["default"].lns_scale == m.original_module.lns_scale for m in wrapped)
+    # Turning the scaling off through the wrapper reaches the copies too.
+    lns_surgery.set_lns_alpha(peft_model, 0.0)
+    assert _close(_logits(peft_model, _ids()), stock_logits)
+    lns_surgery.set_lns_alpha(peft_model, 1.0)
+    merged = peft_model.merge_and_unload()
+    assert lns_surgery.is_lns_model(merged)
+    assert _close(_logits(merged, _ids()), reference)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_alpha_interpolates_from_the_original_function(model_type):
+    stock, lns, reference, stock_logits = _pair(model_type)
+    lns_surgery.set_lns_alpha(lns, 0.0)
+    assert _close(_logits(lns, _ids()), stock_logits)
+    lns_surgery.set_lns_alpha(lns, 0.5)
+    with hooked_reference(stock, model_type, alpha=0.5):
+        half_reference = _logits(stock, _ids())
+    assert _close(_logits(lns, _ids()), half_reference)
+    assert lns.config.lns["alpha"] == 0.5
+    lns_surgery.set_lns_alpha(lns, 1.0)
+    assert _close(_logits(lns, _ids()), reference)
+
+
+def test_from_scratch_init_matches_stock_init():
+    """Building an LNS model from a config initialises its weights exactly like the stock class."""
+    from transformers import Gemma2ForCausalLM
+
+    stock = tiny_model("gemma2")
+    lns = lns_surgery.apply_layernorm_scaling(copy.deepcopy(stock))
+    classes = register(lns.config.lns)
+    torch.manual_seed(5)
+    fresh_lns = classes["AutoModelForCausalLM"](copy.deepcopy(lns.config))
+    torch.manual_seed(5)
+    fresh_stock = Gemma2ForCausalLM(stock.config)
+    for (name, a), (_, b) in zip(fresh_lns.state_dict().items(), fresh_stock.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert fresh_lns.model.layers[3].input_layernorm.lns_scale == pytest.approx(0.5)
