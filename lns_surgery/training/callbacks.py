@@ -1,0 +1,79 @@
+"""Trainer callbacks: the ramped LNS surgery, and the metrics that every run writes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+def unwrap(model):
+    """The model that holds ``config.lns``, through DDP/FSDP-style wrappers (PEFT is handled by set_lns_alpha)."""
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def ramp_alpha(step: int, ramp_steps: int) -> float:
+    """LNS strength after ``step`` optimizer steps of a ramp over ``ramp_steps``: 0 at the start, 1 at the end."""
+    if ramp_steps <= 0:
+        return 1.0
+    return min(1.0, step / ramp_steps)
+
+
+class LNSRampCallback(TrainerCallback):
+    """Moves every LNS scale from 1 to 1/sqrt(l) linearly over the first ``ramp_steps`` optimizer steps.
+
+    Optimizer step k (1-based) runs with alpha = (k-1)/N, so training starts from the model's original
+    function, and alpha reaches 1 after step N. The alpha is set after each step, before checkpoints are
+    saved, so a checkpoint's config records the alpha its weights are trained to compute next; resuming
+    recomputes it from the restored step count.
+    """
+
+    def __init__(self, ramp_steps: int):
+        self.ramp_steps = int(ramp_steps)
+
+    def _apply(self, model, step: int) -> None:
+        from lns_surgery.conversion.apply import set_lns_alpha
+
+        set_lns_alpha(unwrap(model), ramp_alpha(step, self.ramp_steps))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._apply(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._apply(model, state.global_step)
+
+
+def current_alpha(model) -> float | None:
+    model = unwrap(model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    lns = getattr(getattr(model, "config", None), "lns", None)
+    return float(lns.get("alpha", 1.0)) if lns else None
+
+
+def final_metrics(state, train_output=None, eval_metrics: dict | None = None) -> dict:
+    """metrics.json: every logged entry in order (the Trainer's ``log_history``), the train summary and
+    the final evaluation with its perplexity, tokens seen and throughput."""
+    summary = dict(train_output.metrics) if train_output is not None else {}
+    tokens = state.num_input_tokens_seen or 0
+    runtime = summary.get("train_runtime")
+    summary["tokens_seen"] = int(tokens)
+    if runtime:
+        # over this process's run only when resumed; tokens_seen counts the whole run
+        summary.setdefault("train_tokens_per_second", tokens / runtime)
+    summary["global_step"] = state.global_step
+    evaluation = dict(eval_metrics or {})
+    if "eval_loss" in evaluation:
+        try:
+            evaluation["eval_perplexity"] = math.exp(evaluation["eval_loss"])
+        except OverflowError:
+            evaluation["eval_perplexity"] = float("inf")
+    return {"train": summary, "eval": evaluation or None, "log_history": list(state.log_history)}
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    Path(path).write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")

@@ -1,0 +1,292 @@
+"""The training loop shared by ``pretrain`` and ``sft``: TRL's SFTTrainer with LNS-aware model loading,
+the ramp, PEFT, and outputs that only appear once training has finished.
+
+While it runs, everything (checkpoints, TensorBoard logs) lives in ``<output_dir>.incomplete``; at the
+end the final model, adapter, ``metrics.json`` and ``recipe.yaml`` are written there and the folder is
+renamed to ``output_dir``. ``resume`` continues from that folder's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lns_surgery.errors import LNSError
+from lns_surgery.training.recipe import Recipe, recipe_from_dict
+
+logger = logging.getLogger(__name__)
+
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``model`` is the final standalone model (merged when LoRA was used)."""
+
+    model: Any
+    tokenizer: Any
+    metrics: dict
+    output_dir: Path
+    trainer: Any = None
+
+
+def incomplete_dir(output_dir: str | os.PathLike) -> Path:
+    output_dir = Path(output_dir)
+    return output_dir.with_name(output_dir.name + INCOMPLETE_SUFFIX)
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def _plan_output(args, training, state) -> tuple[Path, Path, str | None]:
+    """(final dir, working dir, checkpoint to resume from), refusing to clobber anything by accident."""
+    if not training.output_dir:
+        raise LNSError("the recipe needs output_dir")
+    final = Path(training.output_dir)
+    work = incomplete_dir(final)
+    resume_from = None
+    if final.exists() and not args.overwrite:
+        raise LNSError(f"'{final}' already exists; pass --overwrite to replace it")
+    if args.resume:
+        resume_from = _last_checkpoint(work)
+        if resume_from is None:
+            raise LNSError(f"nothing to resume: no checkpoint in '{work}' (set save_steps so that runs leave checkpoints)")
+    elif training.resume_from_checkpoint:
+        resume_from = training.resume_from_checkpoint
+    elif work.exists() and any(work.iterdir()):
+        if not args.overwrite:
+            raise LNSError(f"an interrupted run left '{work}'; pass --resume to continue it or --overwrite to start over")
+        if state.is_main_process:
+            shutil.rmtree(work)
+    state.wait_for_everyone()
+    return final, work, resume_from
+
+
+def _peft_config(args, model_config, model, added_token_ids):
+    from trl import get_peft_config
+
+    from lns_surgery.training.models import norm_module_names
+
+    peft_config = get_peft_config(model_config)
+    if peft_config is None:
+        if args.train_norms:
+            logger.info("train_norms: full fine-tuning already trains the norm weights")
+        return None
+    if args.train_norms:
+        names = norm_module_names(model)
+        peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(names))
+    if added_token_ids:
+        # tokens added for the chat template or padding start untrained: let LoRA runs train their rows
+        embed = model.get_input_embeddings()
+        embed_name = next(name for name, module in model.named_modules() if module is embed).rsplit(".", 1)[-1]
+        peft_config.trainable_token_indices = {embed_name: list(added_token_ids)}
+    return peft_config
+
+
+def _make_trainer_class():
+    from trl import SFTTrainer
+
+    from lns_surgery.training.callbacks import current_alpha
+
+    class LNSTrainer(SFTTrainer):
+        """SFTTrainer that also logs the LNS strength, so a ramp shows in the logs and metrics.json."""
+
+        def log(self, logs, start_time=None):
+            alpha = current_alpha(self.model)
+            if alpha is not None and not any(key.startswith("eval_") for key in logs):
+                logs["lns_alpha"] = alpha
+            super().log(logs, start_time)
+
+    return LNSTrainer
+
+
+def build_trainer(recipe: Recipe, callbacks=None):
+    """Load model, tokenizer and data for ``recipe`` and return ``(trainer, info)``; nothing is trained
+    or written. ``info`` has the detected ``dataset_format``, ``added_token_ids`` and ``lora``."""
+    from lns_surgery.training import data, models
+    from lns_surgery.training.callbacks import LNSRampCallback
+
+    args, training, model_config = recipe.as_tuple()
+    tokenizer = models.load_tokenizer(args, model_config)
+    train_data, eval_data = data.load_datasets(args, seed=training.seed)
+    train_data, data_format = data.prepare_dataset(train_data, args.dataset_format, training.dataset_text_field)
+    if eval_data is not None:
+        eval_data, _ = data.prepare_dataset(eval_data, data_format, training.dataset_text_field)
+    if training.assistant_only_loss and data_format != "messages":
+        raise LNSError(f"assistant_only_loss needs chat (messages) data; this dataset is {data_format}")
+    if training.completion_only_loss and data_format not in ("alpaca", "prompt_completion"):
+        raise LNSError(f"completion_only_loss needs prompt/completion data; this dataset is {data_format}")
+    if args.dataset_streaming and training.max_steps <= 0:
+        raise LNSError("a streamed dataset has no length: set max_steps")
+
+    model = models.load_model(args, training, model_config, tokenizer=tokenizer)
+    added = data.prepare_tokenizer(tokenizer, model, data_format, args.chat_template)
+    peft_config = _peft_config(args, model_config, model, added)
+    extra = list(callbacks or [])
+    if args.lns_ramp_steps:
+        extra.insert(0, LNSRampCallback(args.lns_ramp_steps))
+    if eval_data is None and training.eval_strategy != "no":
+        raise LNSError(f"eval_strategy is '{training.eval_strategy.value}' but there is no evaluation data: "
+                       "set dataset_test_split or eval_fraction")
+    trainer = _make_trainer_class()(
+        model=model,
+        args=training,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=extra,
+    )
+    return trainer, {"dataset_format": data_format, "added_token_ids": added, "lora": peft_config is not None}
+
+
+def _is_sharded_or_quantized(trainer) -> bool:
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        return True
+    if trainer.is_fsdp_enabled:
+        return True
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
+
+
+def _merged_model(trainer, recipe: Recipe, adapter_dir: Path):
+    """The LoRA-trained model as one standalone model: merged in memory when its weights are whole here,
+    else (FSDP, ZeRO-3, 4/8-bit bases) rebuilt on this process from the base and the saved adapter."""
+    if not _is_sharded_or_quantized(trainer):
+        return trainer.model.merge_and_unload()
+    import dataclasses as dc
+
+    from peft import PeftModel
+
+    from lns_surgery.training import models
+
+    args, training, model_config = recipe.as_tuple()
+    model_config = dc.replace(model_config, load_in_4bit=False, load_in_8bit=False, dtype="auto")
+    base = models.load_model(args, training, model_config, tokenizer=trainer.processing_class)
+    if base.get_input_embeddings().weight.shape[0] != len(trainer.processing_class):
+        base.resize_token_embeddings(len(trainer.processing_class))
+    if args.lns_ramp_steps:
+        from lns_surgery.training.callbacks import current_alpha
+
+        base.set_lns_alpha(current_alpha(trainer.model))
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def _plain(value):
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def recipe_settings(recipe: Recipe, output_dir: Path) -> dict:
+    """The recipe keys of this run that differ from the command's defaults: a recipe that reproduces it."""
+    defaults = recipe_from_dict({}, recipe.command)
+    settings = {}
+    for part, default in zip(recipe.as_tuple(), defaults.as_tuple()):
+        for field in dataclasses.fields(part):
+            if not field.init or field.name in ("resume", "overwrite"):
+                continue
+            value = _plain(getattr(part, field.name))
+            plain_type = isinstance(value, (str, int, float, bool, list, dict, type(None)))
+            if plain_type and value != _plain(getattr(default, field.name)):
+                settings[field.name] = value
+    settings["output_dir"] = str(output_dir)
+    for derived in ("logging_dir", "hub_token", "deepspeed_plugin"):
+        settings.pop(derived, None)
+    return settings
+
+
+def _save_outputs(trainer, recipe: Recipe, work: Path, final: Path, info: dict, metrics: dict, state):
+    """Write the final model (and adapter), metrics.json and recipe.yaml into ``work``, then rename it."""
+    import yaml
+
+    from lns_surgery.training.callbacks import write_metrics
+
+    args = recipe.args
+    tokenizer = trainer.processing_class
+    checkpoints = sorted(p for p in work.glob("checkpoint-*") if p.is_dir())
+    model = None
+    if info["lora"]:
+        adapter_dir = work / "adapter"
+        trainer.save_model(str(adapter_dir))  # every rank takes part (FSDP / ZeRO-3 gather the weights)
+        if args.export in ("both", "merged"):
+            if state.is_main_process:
+                model = _merged_model(trainer, recipe, adapter_dir)
+                model.config.use_cache = True
+                model.save_pretrained(str(work))
+                tokenizer.save_pretrained(str(work))
+            state.wait_for_everyone()
+        else:
+            model = trainer.model
+    else:
+        trainer.model.config.use_cache = True
+        trainer.save_model(str(work))
+        model = trainer.model
+    if state.is_main_process:
+        write_metrics(work / "metrics.json", metrics)
+        (work / "recipe.yaml").write_text(
+            f"# lns-surgery {recipe.command} --recipe recipe.yaml reproduces this run\n"
+            + yaml.safe_dump(recipe_settings(recipe, final), sort_keys=False), encoding="utf-8")
+        if checkpoints:
+            (work / "checkpoints").mkdir(exist_ok=True)
+            for checkpoint in checkpoints:
+                os.replace(checkpoint, work / "checkpoints" / checkpoint.name)
+        (work / "training_args.bin").unlink(missing_ok=True)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(work, final)
+    state.wait_for_everyone()
+    return model
+
+
+def train(recipe: Recipe | Any, training=None, model_config=None, *, command: str | None = None,
+          callbacks=None) -> TrainResult:
+    """Run a recipe: ``train(recipe)`` or ``train(recipe_args, sft_config, model_config)``.
+
+    Returns the final model, its tokenizer, the metrics (as written to ``metrics.json``) and the output
+    folder. Only the output folder's final contents are written at the end; checkpoints and logs go to
+    ``<output_dir>.incomplete`` while training runs.
+    """
+    from accelerate import PartialState
+
+    from lns_surgery.training.callbacks import final_metrics
+
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe(recipe, training, model_config, command or "sft")
+    elif command is not None:
+        recipe.command = command
+    args, training, model_config = recipe.as_tuple()
+    state = PartialState()
+    final, work, resume_from = _plan_output(args, training, state)
+    training.output_dir = str(work)
+    try:
+        trainer, info = build_trainer(recipe, callbacks=callbacks)
+        train_output = trainer.train(resume_from_checkpoint=resume_from)
+        eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else None
+        metrics = final_metrics(trainer.state, train_output, eval_metrics)
+        metrics["dataset_format"] = info["dataset_format"]
+        model = _save_outputs(trainer, recipe, work, final, info, metrics, state)
+    finally:
+        training.output_dir = str(final)
+    return TrainResult(model=model, tokenizer=trainer.processing_class, metrics=metrics, output_dir=final,
+                       trainer=trainer)
+
+
+def train_from_dict(settings: dict, command: str = "sft", callbacks=None) -> TrainResult:
+    """``train`` with the recipe given as a dict of recipe keys (the same keys as the YAML files)."""
+    return train(recipe_from_dict(settings, command), callbacks=callbacks)
