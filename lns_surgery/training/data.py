@@ -126,15 +126,15 @@ def load_datasets(args, seed: int = 42):
     evaluation = None
     if args.dataset_test_split:
         evaluation = load_split(args.dataset_name, args.dataset_config, args.dataset_test_split, args.dataset_streaming)
-    elif args.eval_fraction > 0:
-        if isinstance(train, Dataset):
-            parts = train.train_test_split(test_size=args.eval_fraction, seed=seed)
-            train, evaluation = parts["train"], parts["test"]
-        elif args.max_eval_samples:  # a stream has no length: hold out its first records instead
+    elif not isinstance(train, Dataset):
+        if args.eval_fraction > 0:
+            raise LNSError("a streamed dataset has no length to take eval_fraction of: set max_eval_samples (held "
+                           "out from the start of the stream) or dataset_test_split")
+        if args.max_eval_samples:  # hold out the stream's first records
             evaluation, train = train.take(args.max_eval_samples), train.skip(args.max_eval_samples)
-        else:
-            raise LNSError("a streamed dataset cannot be split by eval_fraction: set max_eval_samples (held out "
-                           "from the start of the stream) or dataset_test_split")
+    elif args.eval_fraction > 0:
+        parts = train.train_test_split(test_size=args.eval_fraction, seed=seed)
+        train, evaluation = parts["train"], parts["test"]
     return _take(train, args.max_train_samples), _take(evaluation, args.max_eval_samples) if evaluation is not None else None
 
 

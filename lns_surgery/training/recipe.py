@@ -45,7 +45,11 @@ class RecipeArguments:
         default=0.0, metadata={"help": "Hold out this fraction of the training data for evaluation (no test split)."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training records."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation records."})
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Use at most this many evaluation records; a stream without a test split holds out "
+                          "this many records from its start."},
+    )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer to use (default: the model's own)."}
     )
