@@ -7,6 +7,7 @@ when it runs, so ``lns-surgery --help`` does not pay for importing torch and tra
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
@@ -62,7 +63,17 @@ class LazyGroup(click.Group):
             sys.exit(130)
 
 
+def _show_warnings() -> None:
+    """The package's own warnings (e.g. what detection found) reach the user as 'warning: ...' lines."""
+    logger = logging.getLogger("lns_surgery")
+    logger.handlers[:] = [logging.StreamHandler(sys.stderr)]
+    logger.handlers[0].setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lns-surgery")
 def main():
     """LayerNorm Scaling surgery for pretrained Hugging Face decoders."""
+    _show_warnings()

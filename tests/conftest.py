@@ -72,3 +72,13 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
         stdin=subprocess.DEVNULL,
         timeout=timeout,
     )
+
+
+def invoke_cli(*args: str):
+    """Run ``lns-surgery ARGS`` inside this process (fast; for checks of errors and output)."""
+    from click.testing import CliRunner
+
+    from lns_surgery.cli import main
+
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)

@@ -180,7 +180,7 @@ def convert(
             new_config = dict(config_dict)
             new_config["lns_folded"] = _folded_provenance(lns, scales)
             checkpoint.write_json(staging / "config.json", new_config)
-    logger.info("wrote %s (%s mode, %d layers)", out, mode, num_layers)
+    logger.debug("wrote %s (%s mode, %d layers)", out, mode, num_layers)
     return out
 
 

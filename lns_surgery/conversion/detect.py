@@ -71,15 +71,26 @@ def find_pre_norms(model: nn.Module, layers_path: str) -> list[str]:
         else:
             handles.append(child.register_forward_pre_hook(record_sublayer, with_kwargs=True))
     handles.append(block.register_forward_hook(stop))
+    device = next(model.parameters()).device
+    ids = torch.ones(1, 4, dtype=torch.long, device=device)
+    # Some models check the mask's values and others check the ids' (for padding), which meta
+    # tensors cannot answer: try without a mask, then with one.
+    attempts = ({"input_ids": ids}, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    pad_token_id = getattr(model.config, "pad_token_id", None)
+    model.config.pad_token_id = None  # skips the padding check on the ids
     try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device))
-    except _StopForward:
-        pass
-    except Exception as exc:  # e.g. MoE kernels that refuse meta tensors: keep what was seen before
-        logger.debug("detection forward stopped early: %s", exc)
+        for inputs in attempts:
+            try:
+                with torch.no_grad():
+                    model(**inputs)
+            except _StopForward:
+                break
+            except Exception as exc:  # e.g. MoE kernels that refuse meta tensors: keep what was seen
+                logger.debug("detection forward stopped early: %s", exc)
+                if consumed:
+                    break
     finally:
+        model.config.pad_token_id = pad_token_id
         for handle in handles:
             handle.remove()
     return consumed

@@ -1,0 +1,241 @@
+"""Bad input: one readable line, a non-zero exit, and nothing left at --out (nor beside it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import invoke_cli, run_fresh_python
+from lns_reference import hooked_reference
+from tiny_models import tiny_model
+
+import lns_surgery
+from lns_surgery.errors import LNSError
+
+
+@pytest.fixture(scope="module")
+def stock_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stock") / "llama"
+    tiny_model("llama").save_pretrained(folder)
+    return folder
+
+
+def _copy(folder, tmp_path, name="input"):
+    target = tmp_path / name
+    shutil.copytree(folder, target)
+    return target
+
+
+def _assert_refused(result, out, *fragments):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "temporary folder left behind"
+
+
+def test_missing_config(stock_dir, tmp_path):
+    source = _copy(stock_dir, tmp_path)
+    (source / "config.json").unlink()
+    _assert_refused(invoke_cli("convert", str(source), "--out", str(tmp_path / "out")), tmp_path / "out", "config.json")
+
+
+def test_truncated_safetensors(stock_dir, tmp_path):
+    source = _copy(stock_dir, tmp_path)
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for mode in ("code", "fold"):
+        _assert_refused(invoke_cli("convert", str(source), "--out", str(tmp_path / "out"), "--mode", mode),
+                        tmp_path / "out", "truncated")
+
+
+def test_shard_missing_from_index(tmp_path):
+    source = tmp_path / "sharded"
+    tiny_model("llama").save_pretrained(source, max_shard_size="40KB")
+    shard = sorted(source.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    _assert_refused(invoke_cli("convert", str(source), "--out", str(tmp_path / "out")), tmp_path / "out", shard.name, "missing")
+
+
+def test_unknown_hub_id_offline(tmp_path):
+    _assert_refused(invoke_cli("convert", "nobody-here/no-such-model", "--out", str(tmp_path / "out")),
+                    tmp_path / "out", "nobody-here/no-such-model")
+
+
+def test_no_such_folder(tmp_path):
+    _assert_refused(invoke_cli("convert", "./not/a/folder", "--out", str(tmp_path / "out")), tmp_path / "out", "no such")
+
+
+def test_existing_output_needs_overwrite(stock_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = invoke_cli("convert", str(stock_dir), "--out", str(out))
+    assert result.returncode != 0 and "--overwrite" in result.stderr
+    assert (out / "keep.txt").read_text() == "precious"
+    result = invoke_cli("convert", str(stock_dir), "--out", str(out), "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert not (out / "keep.txt").exists() and (out / "modeling_lns.py").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_already_lns_or_folded_input_is_never_scaled_twice(stock_dir, tmp_path):
+    lns_surgery.convert(stock_dir, tmp_path / "lns")
+    lns_surgery.convert(stock_dir, tmp_path / "folded", mode="fold")
+    for source in ("lns", "folded"):
+        for mode in ("code", "fold"):
+            _assert_refused(invoke_cli("convert", str(tmp_path / source), "--out", str(tmp_path / "out"), "--mode", mode),
+                            tmp_path / "out", "twice")
+    _assert_refused(invoke_cli("fold", str(tmp_path / "folded"), "--out", str(tmp_path / "out")), tmp_path / "out", "already folded")
+    _assert_refused(invoke_cli("fold", str(stock_dir), "--out", str(tmp_path / "out")), tmp_path / "out", "not an LNS checkpoint")
+    # And in memory:
+    model = lns_surgery.load_model(tmp_path / "lns")
+    before = model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert torch.equal(lns_surgery.apply_layernorm_scaling(model)(input_ids=torch.tensor([[5, 6, 7]])).logits, before)
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(LNSError, match="twice"):
+        lns_surgery.apply_layernorm_scaling(AutoModelForCausalLM.from_pretrained(tmp_path / "folded"))
+
+
+def test_post_norm_architecture_is_refused(tmp_path):
+    source = tmp_path / "olmo2"
+    tiny_model_type = "olmo2"
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(tiny_config(tiny_model_type)).save_pretrained(source)
+    _assert_refused(invoke_cli("convert", str(source), "--out", str(tmp_path / "out")), tmp_path / "out", "post-norm")
+
+
+def test_bad_layers_or_norms_flags(stock_dir, tmp_path):
+    _assert_refused(invoke_cli("convert", str(stock_dir), "--out", str(tmp_path / "out"), "--layers", "model.nowhere"),
+                    tmp_path / "out", "model.nowhere")
+    _assert_refused(invoke_cli("convert", str(stock_dir), "--out", str(tmp_path / "out"), "--norms", "input_layernorm,nope"),
+                    tmp_path / "out", "nope")
+
+
+def test_ctrl_c_leaves_nothing(stock_dir, tmp_path, monkeypatch):
+    from lns_surgery.conversion import convert as convert_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module.lns_layers, "write_custom_code", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lns_surgery.convert(stock_dir, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_killed_process_leaves_no_checkpoint_at_out(stock_dir, tmp_path):
+    """SIGKILL halfway (after the weights are copied, before the config is written)."""
+    code = textwrap.dedent(f"""
+        import os, signal
+        import lns_surgery
+        from lns_surgery.conversion import convert as convert_module
+        convert_module.lns_layers.write_custom_code = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+        lns_surgery.convert({str(stock_dir)!r}, {str(tmp_path / "out")!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL
+    assert not (tmp_path / "out").exists()
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert all(name.startswith(".out.lns-tmp-") for name in leftovers)
+    # The next run is not confused by the leftover.
+    assert invoke_cli("convert", str(stock_dir), "--out", str(tmp_path / "out")).returncode == 0
+
+
+# --- architectures the registry does not know ---------------------------------------------------
+
+_TOY_CONFIG = '''
+from transformers import LlamaConfig
+
+
+class ToyConfig(LlamaConfig):
+    model_type = "toy_llama"
+'''
+
+_TOY_MODELING = '''
+from transformers import LlamaForCausalLM, LlamaModel
+
+from .configuration_toy import ToyConfig
+
+
+class ToyModel(LlamaModel):
+    config_class = ToyConfig
+
+
+class ToyForCausalLM(LlamaForCausalLM):
+    config_class = ToyConfig
+'''
+
+
+@pytest.fixture
+def custom_code_checkpoint(tmp_path, stock_dir):
+    """A checkpoint whose architecture exists only as code inside the folder (model_type toy_llama)."""
+    folder = _copy(stock_dir, tmp_path, "toy")
+    (folder / "configuration_toy.py").write_text(_TOY_CONFIG)
+    (folder / "modeling_toy.py").write_text(_TOY_MODELING)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="toy_llama", architectures=["ToyForCausalLM"], auto_map={
+        "AutoConfig": "configuration_toy.ToyConfig",
+        "AutoModel": "modeling_toy.ToyModel",
+        "AutoModelForCausalLM": "modeling_toy.ToyForCausalLM",
+    })
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_custom_code_input_needs_trust_remote_code(custom_code_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    _assert_refused(invoke_cli("convert", str(custom_code_checkpoint), "--out", str(out)), out, "--trust-remote-code")
+    result = invoke_cli("convert", str(custom_code_checkpoint), "--out", str(out), "--trust-remote-code")
+    assert result.returncode == 0, result.stderr
+    assert "not in the registry" in result.stderr and "input_layernorm, post_attention_layernorm" in result.stderr
+    lns = json.loads((out / "config.json").read_text())["lns"]
+    assert lns["layers"] == "model.layers" and lns["base_classes"]["AutoModelForCausalLM"] == "modeling_toy.ToyForCausalLM"
+
+    stock = tiny_model("llama")
+    ids = torch.tensor([[4, 9, 22, 31, 7]])
+    with hooked_reference(stock, "llama"), torch.no_grad():
+        torch.save(stock(input_ids=ids).logits, tmp_path / "reference.pt")
+    result = run_fresh_python(
+        """
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained("out", trust_remote_code=True)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([[4, 9, 22, 31, 7]])).logits
+        print(type(model).__name__, (logits - torch.load("reference.pt")).abs().max().item())
+        """,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    name, diff = result.stdout.split()[-2:]
+    assert name == "LNSToyForCausalLM" and float(diff) <= 1e-5
+
+
+def test_norms_stated_by_hand_give_the_attention_only_ablation(stock_dir, tmp_path):
+    """--norms input_layernorm scales only the norm before attention (the paper's 'attention-only' row)."""
+    result = invoke_cli("convert", str(stock_dir), "--out", str(tmp_path / "attn-only"), "--norms", "input_layernorm")
+    assert result.returncode == 0, result.stderr
+    model = lns_surgery.load_model(tmp_path / "attn-only")
+    stock = tiny_model("llama")
+    handles = [block.input_layernorm.register_forward_hook(lambda m, a, o, s=(i + 1) ** -0.5: o * s)
+               for i, block in enumerate(stock.model.layers)]
+    ids = torch.tensor([[4, 9, 22, 31, 7]])
+    with torch.no_grad():
+        reference = stock(input_ids=ids).logits
+        assert (model(input_ids=ids).logits - reference).abs().max() <= 1e-5
+    for handle in handles:
+        handle.remove()
+    assert os.path.exists(tmp_path / "attn-only" / "modeling_lns.py")
