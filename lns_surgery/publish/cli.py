@@ -1,0 +1,85 @@
+"""``lns-surgery push`` and the ``--push-to-hub`` hook of the other commands: thin layers over ``push``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _quiet_libraries() -> None:
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
+
+
+def _progress(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def echo_result(result, show_card: bool = False, echo=click.echo) -> None:
+    """Print what ``push`` did (or, for a dry run, would do): validation, card, files, and where they went."""
+    from lns_surgery.publish.files import human_size
+
+    echo(f"validation: {result.validation.summary()}")
+    card = result.card
+    origin = "; ".join(f"{key} from {where}" for key, where in card.inherited.items())
+    verb = {"created": "created", "refreshed": "refreshed (notes kept)", "replaced": "replaced (it was not written by lns-surgery)"}
+    echo(f"README.md: {'would be ' if result.dry_run else ''}{verb[card.action]}" + (f"; {origin}" if origin else ""))
+    for note in card.notes:
+        echo(f"note: {note}")
+    target = f"{result.repo_id} ({'a pull request against main' if result.create_pr else result.revision})"
+    echo(f"files{' to upload' if result.dry_run else ' uploaded'} to {target}: {len(result.files.files)} files, {human_size(result.files.total_bytes)}")
+    width = max((len(human_size(item.size)) for item in result.files.files), default=0)
+    for item in result.files.files:
+        echo(f"  {human_size(item.size):>{width}}  {item.path}")
+    if result.files.excluded:
+        echo(f"left out: {len(result.files.excluded)}")
+        for path, reason in result.files.excluded:
+            echo(f"  {path}  ({reason})")
+    if show_card:
+        echo("----- README.md -----")
+        echo(result.card.text.rstrip("\n"))
+        echo("----- end of README.md -----")
+    if result.dry_run:
+        echo("dry run: nothing was uploaded and nothing was written")
+        return
+    echo(f"commit: {result.commit_url}")
+    if result.pr_url:
+        echo(f"pull request: {result.pr_url}")
+
+
+def push_to_hub(folder, repo_id: str, *, private: bool = False, token: str | None = None, echo=click.echo):
+    """What ``--push-to-hub REPO`` of convert / pretrain / sft calls once their output folder is complete."""
+    from lns_surgery.publish.upload import push
+
+    _quiet_libraries()
+    result = push(folder, repo_id, private=private, token=token, progress=_progress)
+    echo_result(result, echo=echo)
+    return result
+
+
+@click.command("push")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--repo-id", required=True, help="The Hub repository: OWNER/NAME (created if it does not exist).")
+@click.option("--private", is_flag=True, help="Create the repository as private (an existing one keeps its visibility).")
+@click.option("--branch", default=None, help="Upload to this branch (created from main if needed) instead of main.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
+@click.option("--message", "-m", default=None, help="Commit message.")
+@click.option("--token", default=None, help="Hub token with write access (default: HF_TOKEN, then the stored login). Never printed.")
+@click.option("--dry-run", is_flag=True, help="Validate and show the files and the model card; no network, nothing written.")
+def push_command(folder, repo_id, private, branch, create_pr, message, token, dry_run):
+    """Validate the checkpoint in FOLDER, write its model card, and upload it to the Hugging Face Hub.
+
+    The checkpoint is first loaded in a fresh process with trust_remote_code=True and without
+    lns-surgery, exactly as a user of the published model would; any problem stops the push before
+    anything is uploaded. Optimizer, scheduler and RNG states, checkpoint-* folders and logs stay home.
+    """
+    _quiet_libraries()
+    from lns_surgery.publish.upload import push
+
+    result = push(folder, repo_id, private=private, branch=branch, create_pr=create_pr, message=message,
+                  token=token, dry_run=dry_run, progress=_progress)
+    echo_result(result, show_card=dry_run)

@@ -1,0 +1,318 @@
+"""Is this checkpoint safe to publish? Checked twice, cheaply first and then for real.
+
+1. ``check_checkpoint`` reads the folder: the config has the ``lns`` block and an ``auto_map`` (or is a
+   stock checkpoint with ``lns_folded``), every custom-code file that the ``auto_map`` names, and every
+   file those import, is there, and the weights match their index (safetensors headers only).
+2. ``load_check`` loads the folder the way a stranger would: in a fresh interpreter where
+   ``lns_surgery`` cannot be imported, offline, with ``AutoModelForCausalLM`` and ``AutoTokenizer`` and
+   ``trust_remote_code=True``, then runs a short forward and checks that the logits are finite. If this
+   passes, the Hub copy loads too, because it holds the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lns_surgery.conversion import checkpoint
+from lns_surgery.errors import LNSError
+
+LOAD_CHECK_TIMEOUT_S = 3600
+_RESULT_MARKER = "LNS-PUBLISH-RESULT "
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+_RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+))", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What the folder says about itself, once checked."""
+
+    folder: Path
+    kind: str  # "lns" (custom code) or "lns-folded" (stock classes, scales in the weights)
+    config: dict
+    lns: dict  # the config's ``lns`` or ``lns_folded`` block
+    num_layers: int
+    scales: tuple[float, ...]
+    code_files: tuple[str, ...]
+    weight_files: tuple[str, ...]
+    num_tensors: int | None  # None for PyTorch .bin checkpoints (their headers cannot be read safely)
+
+    @property
+    def alpha(self) -> float:
+        return float(self.lns.get("alpha", 1.0))
+
+    @property
+    def base_model_type(self) -> str:
+        return self.lns.get("base_model_type") or self.config.get("model_type", "?")
+
+    @property
+    def source(self) -> dict:
+        source = self.lns.get("source")
+        return source if isinstance(source, dict) else {}
+
+
+@dataclass(frozen=True)
+class LoadCheck:
+    """What the fresh interpreter saw."""
+
+    model_class: str
+    model_module: str
+    tokenizer_class: str
+    num_parameters: int
+    dtype: str
+    input_tokens: int
+    logits_shape: tuple[int, ...]
+    seconds: float
+    unexpected_keys: tuple[str, ...] = field(default=())
+
+    @property
+    def remote_code(self) -> bool:
+        return self.model_module.startswith("transformers_modules")
+
+    def summary(self) -> str:
+        origin = "custom code from the folder" if self.remote_code else "stock transformers class"
+        return (f"{self.model_class} ({origin}) and {self.tokenizer_class} loaded in a fresh process without "
+                f"lns-surgery; {self.num_parameters:,} parameters ({self.dtype}); a {self.input_tokens}-token forward "
+                f"gave finite logits {list(self.logits_shape)} ({self.seconds:.1f} s)")
+
+
+@dataclass(frozen=True)
+class Validation:
+    info: CheckpointInfo
+    load: LoadCheck
+
+    def summary(self) -> str:
+        return f"ok: {self.load.summary()}"
+
+
+def _refuse(folder: Path, reason: str) -> LNSError:
+    return LNSError(f"cannot publish '{folder}': {reason}")
+
+
+# --- 1. the folder ------------------------------------------------------------------------------
+
+
+def _num_layers(config: dict) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    text_config = config.get("text_config")
+    return _num_layers(text_config) if isinstance(text_config, dict) else None
+
+
+def _auto_map_modules(folder: Path, auto_map: dict) -> list[str]:
+    """The module files named by ``auto_map`` (values are "module.Class", or lists of them for tokenizers)."""
+    modules = []
+    for auto_class, reference in auto_map.items():
+        for name in reference if isinstance(reference, (list, tuple)) else [reference]:
+            if not name:
+                continue
+            if "--" in name:
+                raise _refuse(folder, f"auto_map's {auto_class} points at code in another repository ({name}); "
+                                      "ship the code in this folder")
+            if "." not in name:
+                raise _refuse(folder, f"auto_map's {auto_class} entry '{name}' is not 'module.Class'")
+            modules.append(name.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    return list(dict.fromkeys(modules))
+
+
+def _custom_code_files(folder: Path, auto_map: dict) -> list[str]:
+    """Every code file the checkpoint needs: those in ``auto_map`` and, recursively, their relative imports."""
+    pending = [(module, "auto_map") for module in _auto_map_modules(folder, auto_map)]
+    found: list[str] = []
+    while pending:
+        module, needed_by = pending.pop(0)
+        if module in found:
+            continue
+        path = folder / module
+        if not path.is_file():
+            raise _refuse(folder, f"custom-code file '{module}' (needed by {needed_by}) is missing")
+        found.append(module)
+        source = path.read_text(encoding="utf-8", errors="replace")
+        for match in _RELATIVE_IMPORT.finditer(source):
+            pending.append((f"{match.group(1) or match.group(2)}.py", module))
+    return found
+
+
+def check_checkpoint(folder: str | os.PathLike) -> CheckpointInfo:
+    """The static checks; raises LNSError("cannot publish ...: reason") on the first problem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LNSError(f"no such checkpoint folder: '{folder}'")
+    if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
+        raise _refuse(folder, "it holds a PEFT adapter, not a model: publish the merged checkpoint")
+    try:
+        config = checkpoint.read_config(folder)
+    except LNSError as exc:
+        raise _refuse(folder, str(exc)) from None
+
+    if isinstance(config.get("lns"), dict):
+        kind, lns = "lns", config["lns"]
+        auto_map = config.get("auto_map")
+        if not isinstance(auto_map, dict) or "AutoModelForCausalLM" not in auto_map or "AutoConfig" not in auto_map:
+            raise _refuse(folder, "config.json has an `lns` block but no auto_map for AutoConfig and "
+                                  "AutoModelForCausalLM, so transformers cannot find its code")
+        if config.get("model_type") == lns.get("base_model_type"):
+            raise _refuse(folder, f"config.json reuses the stock model_type '{config['model_type']}': without "
+                                  "trust_remote_code transformers would silently load the stock class")
+        code_files = _custom_code_files(folder, auto_map)
+    elif isinstance(config.get("lns_folded"), dict):
+        kind, lns = "lns-folded", config["lns_folded"]
+        auto_map = config.get("auto_map")
+        code_files = _custom_code_files(folder, auto_map) if isinstance(auto_map, dict) else []
+    else:
+        raise _refuse(folder, "config.json has no `lns` or `lns_folded` block: it is not an LNS checkpoint "
+                              "(convert it first: lns-surgery convert)")
+
+    num_layers = _num_layers(config)
+    if not num_layers or num_layers < 1:
+        raise _refuse(folder, "config.json does not say how many layers the model has")
+    scales = _scales(lns, num_layers)
+
+    try:
+        tensors = checkpoint.weight_map(folder)
+    except LNSError as exc:
+        raise _refuse(folder, f"its weights are damaged: {exc}") from None
+    if tensors is None:
+        weight_files = sorted(path.name for path in folder.glob("pytorch_model*.bin"))
+        num_tensors = None
+    else:
+        weight_files = sorted({entry.file.name for entry in tensors.values()})
+        num_tensors = len(tensors)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise _refuse(folder, "it has no tokenizer (tokenizer.json / tokenizer_config.json): save it beside the model")
+    return CheckpointInfo(folder, kind, config, lns, num_layers, tuple(scales), tuple(code_files),
+                          tuple(weight_files), num_tensors)
+
+
+def _scales(lns: dict, num_layers: int) -> list[float]:
+    recorded = lns.get("scales")
+    if isinstance(recorded, list) and len(recorded) == num_layers:
+        return [float(scale) for scale in recorded]
+    from lns_surgery.modeling.lns_layers import layer_scale
+
+    return [layer_scale(index, float(lns.get("alpha", 1.0))) for index in range(num_layers)]
+
+
+# --- 2. a stranger's load -----------------------------------------------------------------------
+
+# Runs in the fresh interpreter. It may import only what a user of the published model has.
+_LOAD_SCRIPT = r'''
+import json, sys, time
+sys.modules["lns_surgery"] = None  # prove that the checkpoint's own code is enough
+MARKER, folder, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+
+def finish(**result):
+    print(MARKER + json.dumps(result), flush=True)
+    sys.exit(0)
+
+def first_line(exc):
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+start = time.perf_counter()
+try:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+except Exception as exc:
+    finish(ok=False, reason=f"torch/transformers cannot be imported: {first_line(exc)}")
+try:
+    model, loading = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+except Exception as exc:
+    finish(ok=False, reason=f"AutoModelForCausalLM.from_pretrained(trust_remote_code=True) failed: {first_line(exc)}")
+missing = sorted(loading.get("missing_keys") or [])
+mismatched = sorted(str(item) for item in loading.get("mismatched_keys") or [])
+if missing:
+    finish(ok=False, reason=f"the weights lack {len(missing)} tensor(s) the model needs, e.g. '{missing[0]}' (it would be random)")
+if mismatched:
+    finish(ok=False, reason=f"tensor shapes do not match the model: {mismatched[0]}")
+module = type(model).__module__
+if kind == "lns" and not module.startswith("transformers_modules"):
+    finish(ok=False, reason=f"transformers loaded the stock class {type(model).__name__}, not the checkpoint's LNS code")
+if kind == "lns" and not getattr(model.config, "lns", None):
+    finish(ok=False, reason="the loaded config has no `lns` block")
+try:
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+except Exception as exc:
+    finish(ok=False, reason=f"AutoTokenizer.from_pretrained(trust_remote_code=True) failed: {first_line(exc)}")
+vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else model.config.vocab_size
+ids = [i for i in tokenizer("Once upon a time, in a small town,")["input_ids"] if 0 <= i < vocab][:16]
+bos = getattr(model.config, "bos_token_id", None)
+if isinstance(bos, int) and 0 <= bos < vocab and (not ids or ids[0] != bos):
+    ids = [bos] + ids
+if not ids:
+    ids = [0]
+try:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits
+except Exception as exc:
+    finish(ok=False, reason=f"the forward pass failed: {first_line(exc)}")
+if not bool(torch.isfinite(logits).all()):
+    bad = int((~torch.isfinite(logits)).sum())
+    finish(ok=False, reason=f"a forward pass on {len(ids)} tokens gave {bad} non-finite logits (NaN/inf): the weights are damaged")
+finish(ok=True, model_class=type(model).__name__, model_module=module, tokenizer_class=type(tokenizer).__name__,
+       num_parameters=sum(p.numel() for p in model.parameters()), dtype=str(model.dtype).replace("torch.", ""),
+       input_tokens=len(ids), logits_shape=list(logits.shape), seconds=time.perf_counter() - start,
+       unexpected_keys=sorted(loading.get("unexpected_keys") or [])[:20])
+'''
+
+# Credentials never reach the child; it needs none, because it reads only the local folder.
+_SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
+
+
+def load_check(folder: str | os.PathLike, kind: str, timeout: float = LOAD_CHECK_TIMEOUT_S) -> LoadCheck:
+    """Load ``folder`` in a fresh, offline interpreter without lns_surgery; raises LNSError with the reason."""
+    folder = Path(folder).resolve()
+    with tempfile.TemporaryDirectory(prefix="lns-load-check-") as scratch:
+        env = {key: value for key, value in os.environ.items() if key not in _SECRET_VARIABLES and key != "PYTHONPATH"}
+        env.update(
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            HF_MODULES_CACHE=str(Path(scratch) / "modules"),  # a fresh copy of the custom code, never a stale one
+            TOKENIZERS_PARALLELISM="false",
+            PYTHONDONTWRITEBYTECODE="1",
+        )
+        try:
+            process = subprocess.run(
+                [sys.executable, "-c", _LOAD_SCRIPT, _RESULT_MARKER, str(folder), kind],
+                cwd=scratch,  # not the project folder, so nothing of lns_surgery is importable by accident
+                env=env,
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise LNSError(f"loading the checkpoint took longer than {timeout:.0f} s in the check process") from None
+    result = None
+    for line in process.stdout.splitlines():
+        if line.startswith(_RESULT_MARKER):
+            result = json.loads(line[len(_RESULT_MARKER):])
+    if result is None:
+        tail = [line for line in (process.stderr or "").strip().splitlines() if line.strip()]
+        detail = tail[-1] if tail else f"exit status {process.returncode}"
+        raise LNSError(f"the load check process died: {detail}")
+    if not result.pop("ok"):
+        raise LNSError(result["reason"])
+    result["logits_shape"] = tuple(result["logits_shape"])
+    result["unexpected_keys"] = tuple(result["unexpected_keys"])
+    return LoadCheck(**result)
+
+
+def validate_checkpoint(folder: str | os.PathLike, timeout: float = LOAD_CHECK_TIMEOUT_S) -> Validation:
+    """Both checks on ``folder`` as it is; raises LNSError("cannot publish ...: reason")."""
+    info = check_checkpoint(folder)
+    try:
+        load = load_check(info.folder, info.kind, timeout)
+    except LNSError as exc:
+        raise _refuse(info.folder, str(exc)) from None
+    return Validation(info, load)
