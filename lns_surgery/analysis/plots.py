@@ -1,0 +1,84 @@
+"""PNG plots of a depth report (matplotlib, Agg backend: no display needed).
+
+- ``variance.png``: output variance of the residual stream after each block, models overlaid (log scale);
+- ``removal.png``: loss increase when each block is bypassed, models overlaid;
+- ``angular-<model>.png``: the angular distance between the inputs of blocks l and l+n, one heatmap
+  per model, all on the same colour scale so that they can be compared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _overlay(report: dict, key: str, ylabel: str, title: str, path: Path, log: bool = False) -> None:
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    for model in report["models"]:
+        points = [(layer["block"], layer[key]) for layer in model["layers"] if layer[key] is not None]
+        if points:
+            blocks, values = zip(*points)
+            axes.plot(blocks, values, marker="o", markersize=3, label=f"{model['name']} ({model['status']})")
+    if log and all(v > 0 for m in report["models"] for v in (layer[key] for layer in m["layers"]) if v is not None):
+        axes.set_yscale("log")
+    if key == "removal_loss_increase":
+        axes.axhline(0.0, color="grey", linewidth=0.8)
+    axes.set_xlabel("block l (1 = first)")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _angular_heatmap(model: dict, vmax: float, path: Path) -> None:
+    import numpy as np
+
+    plt = _pyplot()
+    rows = model["angular_distance"]
+    count = len(rows)
+    grid = np.full((count, count), np.nan)
+    for index, row in enumerate(rows):
+        for offset, value in enumerate(row):
+            grid[index, offset] = np.nan if value is None else value
+    figure, axes = plt.subplots(figsize=(6, 5))
+    image = axes.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax,
+                        extent=(0.5, count + 0.5, 0.5, count + 0.5))
+    axes.set_xlabel("n (blocks apart)")
+    axes.set_ylabel("block l (1 = first)")
+    tokens = "last token" if model["angular_distance_tokens"] == "last" else "all tokens"
+    axes.set_title(f"Angular distance of inputs of blocks l and l+n\n{model['name']} ({model['status']}, {tokens})", fontsize=9)
+    figure.colorbar(image, ax=axes, label="arccos(cos) / pi")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_plots(report: dict, folder: Path) -> list[Path]:
+    """Write every plot of ``report`` into ``folder``; returns their paths."""
+    folder = Path(folder)
+    written = []
+    path = folder / report["plots"]["variance"]
+    _overlay(report, "output_variance", "output variance", "Residual-stream variance after each block", path, log=True)
+    written.append(path)
+    path = folder / report["plots"]["removal"]
+    _overlay(report, "removal_loss_increase", "loss increase (nats/token)", "Layer removal: loss increase when a block is bypassed", path)
+    written.append(path)
+    values = [v for m in report["models"] for row in m["angular_distance"] for v in row if v is not None]
+    vmax = max(values, default=1.0) or 1.0
+    for model in report["models"]:
+        path = folder / model["angular_distance_plot"]
+        _angular_heatmap(model, vmax, path)
+        written.append(path)
+    return written

@@ -1,0 +1,340 @@
+"""``analyze`` (models on disk -> report folder) and ``analyze_model`` (one model in memory -> dict)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+
+from lns_surgery.analysis import report as report_module
+from lns_surgery.analysis.data import describe_source, token_windows
+from lns_surgery.errors import LNSError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 100_000
+DEFAULT_SEQ_LEN = 512
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def model_status(model) -> tuple[str, float | None]:
+    """("lns" | "lns-folded" | "stock", LNS alpha or None) of a model in memory."""
+    from lns_surgery.analysis.measures import unwrap
+
+    config = unwrap(model).config
+    lns = getattr(config, "lns", None)
+    if lns:
+        return "lns", float(lns.get("alpha", 1.0))
+    folded = getattr(config, "lns_folded", None)
+    if folded:
+        return "lns-folded", float(folded.get("alpha", 1.0)) if isinstance(folded, dict) else None
+    return "stock", None
+
+
+def layer_scales(model, num_layers: int) -> list[float]:
+    """The LNS scale each block applies (1.0 for a stock model; for a folded one, the folded-in scale)."""
+    from lns_surgery.analysis.measures import unwrap
+    from lns_surgery.modeling.lns_layers import layer_scale
+
+    config = unwrap(model).config
+    lns = getattr(config, "lns", None)
+    if lns:
+        return [layer_scale(index, float(lns.get("alpha", 1.0))) for index in range(num_layers)]
+    folded = getattr(config, "lns_folded", None)
+    scales = folded.get("scales") if isinstance(folded, dict) else None
+    if isinstance(scales, list) and len(scales) == num_layers:
+        return [float(scale) for scale in scales]
+    return [1.0] * num_layers
+
+
+def resolve_seq_len(seq_len: int | None, config, name: str) -> int:
+    """``seq_len``, or the default capped by the model; refuse lengths the model cannot take."""
+    from lns_surgery.analysis.measures import max_positions
+
+    limit = max_positions(config)
+    if seq_len is None:
+        return min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
+    if seq_len < 2:
+        raise LNSError("--seq-len must be at least 2")
+    if limit is not None and seq_len > limit:
+        raise LNSError(f"--seq-len {seq_len} is longer than '{name}' supports ({limit} positions)")
+    return seq_len
+
+
+def check_vocabulary(windows, model, name: str) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer that is not the model's)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    largest = int(windows.max())
+    if largest >= rows:
+        raise LNSError(f"token id {largest} is outside the vocabulary of '{name}' ({rows} tokens): is the tokenizer the model's?")
+
+
+def analyze_model(
+    model,
+    windows_or_tokenizer,
+    data=None,
+    *,
+    name: str | None = None,
+    seq_len: int | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_size: int = 8,
+    last_token: bool = False,
+    removal: bool = True,
+    tasks=None,
+    tasks_limit: int | None = None,
+    tokenizer=None,
+    text_field: str = "text",
+    split: str = "validation",
+    progress: bool = False,
+) -> dict:
+    """Depth measures of one model in memory, as a report entry (see ``lns_surgery.analysis``).
+
+    ``windows_or_tokenizer`` is either a ``[N, T]`` LongTensor of token ids, or a tokenizer, in which
+    case ``data`` (a file, Hub dataset or list of strings) is tokenised into windows of ``seq_len``
+    (at most ``max_tokens`` tokens). Nothing is written to disk; the model is left as it was.
+    ``tasks`` (lm-eval names) also need a tokenizer.
+    """
+    import torch
+
+    from lns_surgery.analysis.measures import depth_measures, unwrap
+    from lns_surgery.analysis.tasks import parse_tasks, removal_task_sweep, require_lm_eval
+
+    base = unwrap(model)
+    name = name or getattr(base.config, "name_or_path", None) or type(base).__name__
+    task_names = parse_tasks(tasks)
+    if task_names:
+        require_lm_eval()
+    if isinstance(windows_or_tokenizer, torch.Tensor):
+        windows = windows_or_tokenizer.long()
+        if windows.dim() != 2 or windows.shape[1] < 2:
+            raise LNSError("windows must be a [number, length >= 2] tensor of token ids")
+        resolve_seq_len(windows.shape[1], base.config, name)
+        data_name = f"{len(windows)} windows given in memory"
+    else:
+        tokenizer = windows_or_tokenizer
+        if data is None:
+            raise LNSError("give the data to tokenise (a file, a Hub dataset or a list of strings)")
+        seq_len = resolve_seq_len(seq_len, base.config, name)
+        windows = token_windows(tokenizer, data, seq_len, max_tokens, text_field=text_field, split=split)
+        data_name = describe_source(data)
+    if task_names and tokenizer is None:
+        raise LNSError("lm-eval tasks need the model's tokenizer")
+    check_vocabulary(windows, base, name)
+
+    measured = depth_measures(model, windows, batch_size=batch_size, last_token=last_token, removal=removal,
+                              progress=progress, description=name)
+    status, alpha = model_status(model)
+    count = measured["num_layers"]
+    scales = layer_scales(model, count)
+    whole_tasks, block_tasks = None, [None] * count
+    if task_names:
+        whole_tasks, block_tasks = removal_task_sweep(model, tokenizer, task_names, batch_size=batch_size,
+                                                      limit=tasks_limit, progress=progress, description=f"{name} tasks")
+    layers = []
+    for index in range(count):
+        removal_loss = measured["removal_loss"][index]
+        entry = {
+            "index": index,
+            "block": index + 1,
+            "lns_scale": scales[index],
+            "output_variance": measured["variance"][index + 1],
+            "residual_norm": measured["residual_norm"][index + 1],
+            "attention_update_norm": measured["attention_update_norm"][index],
+            "mlp_update_norm": measured["mlp_update_norm"][index],
+            "angular_distance_next": measured["angular_distance"][index][0],
+            "removal_perplexity": measured["removal_perplexity"][index],
+            "removal_loss_increase": None if removal_loss is None else removal_loss - measured["loss"],
+        }
+        if task_names:
+            entry["removal_tasks"] = block_tasks[index]
+        layers.append(entry)
+    return {
+        "name": str(name),
+        "status": status,
+        "lns_alpha": alpha,
+        "model_type": getattr(base.config, "model_type", None),
+        "num_layers": count,
+        "num_parameters": sum(p.numel() for p in base.parameters()),
+        "dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
+        "data": data_name,
+        "windows": measured["windows"],
+        "seq_len": measured["seq_len"],
+        "tokens": measured["tokens"],
+        "perplexity": measured["perplexity"],
+        "loss": measured["loss"],
+        "embedding_variance": measured["variance"][0],
+        "angular_distance_tokens": "last" if last_token else "all",
+        "angular_distance": measured["angular_distance"],
+        "tasks": whole_tasks,
+        "layers": layers,
+    }
+
+
+def _pick_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise LNSError(f"unknown device '{device}': {exc}") from None
+
+
+def _load_dtype(dtype: str, device):
+    import torch
+
+    if dtype not in DTYPES:
+        raise LNSError(f"unknown dtype '{dtype}'; expected one of {', '.join(DTYPES)}")
+    if dtype == "auto":  # full precision on CPU, the checkpoint's own precision on an accelerator
+        return torch.float32 if device.type == "cpu" else "auto"
+    return getattr(torch, dtype)
+
+
+def _model_folder(path: str) -> str:
+    """A ``builtin:`` name becomes its folder; folders and Hub ids are passed on to from_pretrained."""
+    if str(path).startswith("builtin:"):
+        from lns_surgery.conversion.builtin import builtin_path
+
+        return str(builtin_path(str(path)[len("builtin:"):]))
+    return str(path)
+
+
+def _checkpoint_config(folder: str) -> dict:
+    """The config.json of a local folder or Hub repository, read without loading the model."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise LNSError(f"'{folder}' is a file; give the checkpoint's folder")
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise LNSError(f"'{folder}' has no config.json: not a Hugging Face model folder")
+    else:
+        if folder.startswith((".", "/", "~")) or folder.count("/") > 1 or not folder.strip():
+            raise LNSError(f"no such model folder: '{folder}'")
+        try:
+            config_path = Path(hf_hub_download(folder, "config.json"))
+        except Exception as exc:  # offline, unknown repository, gated, ...
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LNSError(f"'{folder}' is not a local folder and its config could not be fetched from the Hub: {first_line}") from None
+    try:
+        return json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LNSError(f"'{config_path}' is not valid JSON: {exc}") from None
+
+
+class _ConfigView:
+    def __init__(self, values: dict):
+        self.__dict__.update(values)
+
+
+def analyze(
+    models,
+    data,
+    out,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    last_token: bool = False,
+    tasks=None,
+    tasks_limit: int | None = None,
+    overwrite: bool = False,
+    tokenizer=None,
+    text_field: str = "text",
+    split: str = "validation",
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    names: list[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Analyse each model (a folder, Hub id, ``builtin:`` name, or a model in memory) on ``data``
+    and write ``report.json``, ``summary.md`` and the plots into the folder ``out``; returns the report.
+
+    Every input is checked before the first model is loaded, and ``out`` appears only once everything
+    is written (``overwrite`` replaces an existing folder). ``tokenizer`` (a tokenizer or a path) is
+    used for every model; by default each model's own is loaded from its folder.
+    """
+    import torch
+
+    from lns_surgery import load_model, load_tokenizer
+    from lns_surgery.analysis.measures import unwrap
+    from lns_surgery.analysis.tasks import parse_tasks, require_lm_eval
+    from lns_surgery.conversion.checkpoint import atomic_output_dir, check_output
+
+    if isinstance(models, (str, Path)) or hasattr(models, "config"):
+        models = [models]
+    models = list(models)
+    if not models:
+        raise LNSError("give at least one model to analyse")
+    if names is not None and len(names) != len(models):
+        raise LNSError("give one name per model")
+    out = Path(out)
+    check_output(out, overwrite)
+    if batch_size < 1:
+        raise LNSError("--batch-size must be at least 1")
+    task_names = parse_tasks(tasks)
+    if task_names:
+        require_lm_eval()
+    device = _pick_device(device)
+    load_dtype = _load_dtype(dtype, device)
+
+    # Everything a user can get wrong is checked before the first (possibly large) model is loaded.
+    plans = []
+    for position, item in enumerate(models):
+        if isinstance(item, (str, Path)):
+            folder = _model_folder(str(item))
+            label = names[position] if names else str(item)
+            config = _ConfigView(_checkpoint_config(folder))
+            model_tokenizer = tokenizer if tokenizer is not None else folder
+        else:
+            folder = None
+            config = unwrap(item).config
+            label = names[position] if names else getattr(config, "name_or_path", None) or type(item).__name__
+            model_tokenizer = tokenizer if tokenizer is not None else getattr(config, "name_or_path", None)
+            if not model_tokenizer:
+                raise LNSError(f"model {position + 1} is in memory and has no name_or_path: pass tokenizer=")
+        model_seq_len = resolve_seq_len(seq_len, config, label)
+        if isinstance(model_tokenizer, (str, Path)):
+            model_tokenizer = load_tokenizer(str(model_tokenizer), trust_remote_code=trust_remote_code)
+        windows = token_windows(model_tokenizer, data, model_seq_len, max_tokens, text_field=text_field, split=split)
+        if folder is None:
+            check_vocabulary(windows, unwrap(item), label)
+        elif isinstance(getattr(config, "vocab_size", None), int) and int(windows.max()) >= config.vocab_size:
+            raise LNSError(f"token id {int(windows.max())} is outside the vocabulary of '{label}' "
+                           f"({config.vocab_size} tokens): is the tokenizer the model's?")
+        plans.append({"label": label, "item": item, "folder": folder, "tokenizer": model_tokenizer, "windows": windows})
+
+    entries = []
+    for position, plan in enumerate(plans):
+        if plan["folder"] is not None:
+            model = load_model(plan["folder"], dtype=load_dtype, trust_remote_code=trust_remote_code)
+            model.to(device)
+        else:
+            model = plan["item"]
+        if progress:
+            logger.info("analysing %s (%d/%d)", plan["label"], position + 1, len(plans))
+        entry = analyze_model(
+            model, plan["windows"], name=plan["label"], batch_size=batch_size, last_token=last_token,
+            tasks=task_names, tasks_limit=tasks_limit, tokenizer=plan["tokenizer"], progress=progress,
+        )
+        entry["data"] = describe_source(data)
+        entries.append(entry)
+        if plan["folder"] is not None:
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    settings = {"source": describe_source(data), "max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size,
+                "last_token": last_token, "text_field": text_field, "split": split, "tasks": task_names or None,
+                "tasks_limit": tasks_limit}
+    report = report_module.build_report(entries, settings)
+    with atomic_output_dir(out, overwrite) as staging:
+        report_module.write_outputs(report, staging)
+    return report
