@@ -85,14 +85,15 @@ def _tool_version() -> str:
         return "unknown"
 
 
-def _class_exists(name: str) -> bool:
+@functools.cache
+def _transformers_names() -> frozenset:
     import transformers
 
-    try:
-        getattr(transformers, name)
-    except (AttributeError, ImportError):
-        return False
-    return True
+    return frozenset(dir(transformers))  # the lazy module lists its names without importing the models
+
+
+def _class_exists(name: str) -> bool:
+    return name in _transformers_names()
 
 
 def parse_registry(document: dict) -> dict[str, Architecture]:
