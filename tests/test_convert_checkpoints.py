@@ -176,3 +176,13 @@ def test_readme_architecture_table_is_current():
     assert readme[start:end].split("\n", 1)[1].strip() == architecture_table().strip(), (
         "README table is stale: regenerate it with `lns-surgery archs --markdown`"
     )
+
+
+def test_in_process_loading_needs_no_remote_code(stories_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lns_surgery.convert(stories_path, tmp_path / "lns")
+    lns_surgery.register_auto_classes()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "lns")  # no trust_remote_code
+    assert type(model).__module__ == "lns_surgery.modeling.auto" and type(model).__name__ == "LNSLlamaForCausalLM"
+    assert model.model.layers[4].post_attention_layernorm.lns_scale == pytest.approx(1 / 5**0.5)
