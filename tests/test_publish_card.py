@@ -49,13 +49,14 @@ def _round_trip(text, tmp_path):
 
 
 def _metrics():
+    """Shaped as `lns-surgery pretrain/sft` write it: {"train", "eval", "log_history"}."""
     history = [{"loss": 4.0 - 0.1 * step, "learning_rate": 1e-3, "grad_norm": 1.5, "epoch": step / 40, "step": step}
                for step in range(1, 31)]
     history.insert(10, {"eval_loss": 3.2, "eval_runtime": 1.0, "epoch": 0.25, "step": 10})
-    history.append({"eval_loss": 2.5, "epoch": 0.75, "step": 30})
+    history.append({"eval_loss": 2.6, "epoch": 0.75, "step": 30})
     history.append({"train_runtime": 12.5, "train_loss": 2.9, "epoch": 0.75, "step": 30})
-    return {"log_history": history, "eval_loss": 2.5, "perplexity": math.exp(2.5), "tokens_seen": 123456,
-            "final": {"eval_loss": 2.5, "note": "text is skipped"}}
+    return {"train": {"train_runtime": 12.5, "tokens_seen": 123456, "global_step": 30, "note": "text is skipped"},
+            "eval": {"eval_loss": 2.5, "eval_perplexity": math.exp(2.5)}, "log_history": history}
 
 
 def _report():
@@ -63,8 +64,9 @@ def _report():
         return {"name": name, "num_layers": 5, "perplexity": 7.25,
                 "layers": [{"index": i, "output_variance": v, "angular_distance_next": 0.1 * (i + 1),
                             "removal_perplexity": 8.0 + i} for i, v in enumerate(variances)]}
-    return {"models": [model("/data/models/stories260K", [1.5, 3.0, 6.0, 12.0, 175.0]),
-                       model("stories260K-lns", [1.5, 2.0, 2.5, 3.0, 25.0])]}
+    return {"schema_version": 1, "plots": {"variance": "variance.png", "removal": "removal.png"},
+            "models": [dict(model("/data/models/stories260K", [1.5, 3.0, 6.0, 12.0, 175.0]), status="stock"),
+                       dict(model("stories260K-lns", [1.5, 2.0, 2.5, 3.0, 25.0]), status="lns")]}
 
 
 def test_metadata_round_trips_through_model_card_load(folder, tmp_path):
@@ -104,21 +106,31 @@ def test_folded_card_loads_with_stock_classes(checkpoints):
     assert "lns-folded" in ModelCard(card).data.tags and "scales are folded into the norm" in card
 
 
-def test_training_and_analysis_figures_are_shown(folder):
+def test_training_and_analysis_figures_are_shown(folder, tmp_path):
     (folder / "metrics.json").write_text(json.dumps(_metrics()))
     (folder / "report.json").write_text(json.dumps(_report()))
+    (folder / "variance.png").write_bytes(b"\x89PNG")  # removal.png is not there: not linked
+    (folder / "recipe.yaml").write_text("# lns-surgery pretrain --recipe recipe.yaml reproduces this run\n"
+                                        "dataset_name: HuggingFaceFW/fineweb-edu\nuse_peft: false\nlearning_rate: 2.0e-4\n"
+                                        "max_steps: 30\nlns_ramp_steps: 10\n")
     card = render_model_card(check_checkpoint(folder), REPO)
     text = card.text
     assert "## Training" in text and "trained after the conversion" in text
+    assert ("Recipe (`recipe.yaml` in this repository): data [HuggingFaceFW/fineweb-edu](https://huggingface.co/datasets/"
+            "HuggingFaceFW/fineweb-edu), full fine-tuning, learning rate 0.0002, max steps 30, LNS ramp steps 10.") in text
+    assert _round_trip(text, tmp_path).data.datasets == ["HuggingFaceFW/fineweb-edu"]
     assert "Training loss went from 3.9 to 1 over 30 optimizer steps" in text
-    assert "Last evaluation loss: 2.5 (perplexity 12.18)" in text
+    assert "Last evaluation loss: 2.5 (perplexity 12.18)" in text  # the final evaluation, not the last logged one
     table = [line for line in text.splitlines() if line.startswith("| 30 |")]
     assert table, "the last logged step is in the table"
     assert len([line for line in text.split("Logged figures")[1].split("Final figures")[0].splitlines()
                 if re.match(r"\| \d", line)]) == 12
-    assert "| `tokens_seen` | 123,456 |" in text and "| `final.eval_loss` | 2.5 |" in text and "note" not in text.split("Final figures")[1].split("##")[0]
+    final = text.split("Final figures")[1].split("##")[0]
+    assert "| `train.tokens_seen` | 123,456 |" in final and "| `eval.eval_perplexity` | 12.18 |" in final
+    assert "note" not in final
     assert "## Depth analysis" in text
-    assert "| `stories260K` | 5 | 7.25 |" in text and "| `stories260K-lns` | 5 | 7.25 |" in text
+    assert "| `stories260K` | stock | 5 | 7.25 |" in text and "| `stories260K-lns` | lns | 5 | 7.25 |" in text
+    assert "![variance](variance.png)" in text and "removal.png" not in text
     assert "| 5 | 175 | 0.5 | 12 |" in text and "| 5 | 25 | 0.5 | 12 |" in text
     assert "/data/models" not in text and card.notes == []
 

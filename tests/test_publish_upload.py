@@ -225,13 +225,18 @@ def test_push_to_hub_hook_then_a_pull_request(folder, online, monkeypatch, capsy
     assert online.files(REPO, "refs/pr/1")["README.md"] == (folder / "README.md").read_bytes()
 
 
-def test_push_to_a_branch_leaves_main_alone(folder, online):
+def test_push_to_a_branch_leaves_main_alone(folder, online, monkeypatch):
+    import huggingface_hub.hf_api
+
     from lns_surgery.publish import push
 
+    # Without hf_xet, upload_folder takes its single-commit route (validate-yaml, preupload, commit): cover it too.
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
     result = push(folder, REPO, branch="healed", token=TOKEN)
     assert result.revision == "healed"
     assert set(online.files(REPO, "healed")) == set(result.files.paths())
     assert online.files(REPO, "main") == {}
+    assert ("POST", "/api/models/tester/stories260K-lns/branch/healed") in online.requests
 
 
 def test_read_only_token_and_bad_arguments_are_refused_early(folder, online):

@@ -101,13 +101,30 @@ def _base_card_text(info: CheckpointInfo) -> tuple[str | None, str | None]:
     return None, None
 
 
+def _read_yaml(path: Path, notes: list) -> object | None:
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        notes.append(f"{path.name} was left out of the card: it is not valid YAML ({_one_line(exc)})")
+        return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _read_json(path: Path, notes: list) -> object | None:
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        notes.append(f"{path.name} was left out of the card: it is not valid JSON ({exc})")
+        notes.append(f"{path.name} was left out of the card: it is not valid JSON ({_one_line(exc)})")
         return None
 
 
@@ -124,9 +141,7 @@ def _number(value) -> str:
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             return str(value)
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3e}"
-        return f"{value:.4g}" if abs(value) >= 1 else f"{value:.4f}".rstrip("0").rstrip(".")
+        return f"{value:.4g}"
     return str(value)
 
 
@@ -227,14 +242,15 @@ def _load_section(info: CheckpointInfo, repo_id: str) -> list[str]:
     return lines
 
 
-def _training_section(metrics, notes: list) -> list[str]:
+def _training_section(metrics, recipe, datasets: list, notes: list) -> list[str]:
+    """From ``metrics.json`` (``log_history`` plus final figures) and ``recipe.yaml``; empty without both."""
     if not isinstance(metrics, dict):
         if metrics is not None:
             notes.append("metrics.json was left out of the card: it is not a JSON object")
-        return []
+        metrics = {}
     history = metrics.get("log_history")
     history = [entry for entry in history if isinstance(entry, dict)] if isinstance(history, list) else []
-    lines = ["## Training", ""]
+    lines = ["## Training", "", *_recipe_lines(recipe, datasets)]
     train = [entry for entry in history if _is_number(entry.get("loss"))]
     evals = [entry for entry in history if _is_number(entry.get("eval_loss"))]
     steps = [entry["step"] for entry in history if _is_number(entry.get("step"))]
@@ -243,11 +259,12 @@ def _training_section(metrics, notes: list) -> list[str]:
         if steps:
             sentence += f" over {_number(max(steps))} optimizer steps"
         lines += [sentence + ".", ""]
-    if evals:
-        last = evals[-1]
-        sentence = f"Last evaluation loss: {_number(last['eval_loss'])}"
-        if last["eval_loss"] < 50:
-            sentence += f" (perplexity {_number(math.exp(last['eval_loss']))})"
+    final_eval = metrics.get("eval") if isinstance(metrics.get("eval"), dict) else {}
+    last_eval = final_eval.get("eval_loss") if _is_number(final_eval.get("eval_loss")) else evals[-1]["eval_loss"] if evals else None
+    if last_eval is not None:
+        sentence = f"Last evaluation loss: {_number(last_eval)}"
+        if last_eval < 50:
+            sentence += f" (perplexity {_number(math.exp(last_eval))})"
         lines += [sentence + ".", ""]
     logged = [entry for entry in history if _is_number(entry.get("loss")) or _is_number(entry.get("eval_loss"))]
     if logged:
@@ -262,6 +279,30 @@ def _training_section(metrics, notes: list) -> list[str]:
     if final:
         lines += ["Final figures:", "", *_table(["metric", "value"], [[f"`{key}`", value] for key, value in final]), ""]
     return lines if len(lines) > 2 else []
+
+
+def _recipe_lines(recipe, datasets: list) -> list[str]:
+    """What ``recipe.yaml`` (written by `lns-surgery pretrain/sft` beside the model) says about the run."""
+    if not isinstance(recipe, dict):
+        return []
+    facts = []
+    dataset = recipe.get("dataset_name")
+    if isinstance(dataset, str) and dataset:
+        repo_id = hub_model_id(dataset)
+        if repo_id:
+            datasets.append(repo_id)
+        facts.append(f"data [{repo_id}](https://huggingface.co/datasets/{repo_id})" if repo_id else f"data `{_base_name(dataset)}`")
+    if recipe.get("use_peft"):
+        facts.append(f"LoRA (r = {recipe.get('lora_r', '?')}, targets `{recipe.get('lora_target_modules', '?')}`), merged")
+    elif recipe:
+        facts.append("full fine-tuning")
+    for key, label in (("learning_rate", "learning rate"), ("max_steps", "max steps"), ("num_train_epochs", "epochs"),
+                       ("max_length", "sequence length"), ("lns_ramp_steps", "LNS ramp steps")):
+        if _is_number(recipe.get(key)) and recipe[key] > 0:
+            facts.append(f"{label} {_number(recipe[key])}")
+    if not facts:
+        return []
+    return [f"Recipe (`recipe.yaml` in this repository): {', '.join(facts)}.", ""]
 
 
 def _final_figures(metrics: dict) -> list[tuple[str, object]]:
@@ -291,7 +332,7 @@ def _report_models(report) -> list[dict]:
     return [model for model in models if isinstance(model, dict)]
 
 
-def _analysis_section(report, notes: list) -> list[str]:
+def _analysis_section(report, folder: Path, notes: list) -> list[str]:
     models = _report_models(report)
     if not models:
         if report is not None:
@@ -301,9 +342,14 @@ def _analysis_section(report, notes: list) -> list[str]:
              "From `report.json` (`lns-surgery analyze`). Output variance of the residual stream after each "
              "block; angular distance between the inputs of consecutive blocks (arccos(cos)/pi, below 0.2 means "
              "nearly redundant); perplexity with that block removed (a large rise means the block matters).", ""]
-    rows = [[f"`{_base_name(str(model.get('name', f'model {i + 1}')))}`", model.get("num_layers"), model.get("perplexity")]
-            for i, model in enumerate(models)]
-    lines += [*_table(["model", "blocks", "perplexity"], rows), ""]
+    with_status = any(isinstance(model.get("status"), str) for model in models)
+    rows = [[f"`{_base_name(str(model.get('name', f'model {i + 1}')))}`"] + ([str(model.get("status", "–"))] if with_status else [])
+            + [model.get("num_layers"), model.get("perplexity")] for i, model in enumerate(models)]
+    lines += [*_table(["model"] + (["status"] if with_status else []) + ["blocks", "perplexity"], rows), ""]
+    plots = report.get("plots") if isinstance(report, dict) else None
+    for label, name in (plots.items() if isinstance(plots, dict) else []):
+        if isinstance(name, str) and (folder / name).is_file():  # shown by the Hub when uploaded beside the card
+            lines += [f"![{label}]({name})", ""]
     for i, model in enumerate(models):
         layers = [layer for layer in model.get("layers") or [] if isinstance(layer, dict)]
         if not layers:
@@ -355,39 +401,44 @@ def render_model_card(info: CheckpointInfo, repo_id: str, existing: str | None =
             if base_metadata.get(key) and key not in inherited:
                 inherited[key], origin[key] = base_metadata[key], where
 
-    metrics = _read_json(folder / "metrics.json", notes)
-    report = _read_json(folder / "report.json", notes)
-    base_repo = hub_model_id(info.source.get("model"))
+    datasets: list = []
+    training = _training_section(_read_json(folder / "metrics.json", notes), _read_yaml(folder / "recipe.yaml", notes),
+                                 datasets, notes)
+    analysis = _analysis_section(_read_json(folder / "report.json", notes), folder, notes)
+
     tags = list(TAGS) + [info.base_model_type] + (["lns-folded"] if info.kind == "lns-folded" else [])
+    metadata = dict(previous) if ours else {}  # keys the user added to our card survive
     if ours and isinstance(previous.get("tags"), list):
         tags += [tag for tag in previous["tags"] if isinstance(tag, str)]
-    metadata = dict(previous) if ours else {}
+    if datasets:
+        known = previous.get("datasets") if ours else None
+        known = [known] if isinstance(known, str) else known if isinstance(known, list) else []
+        metadata["datasets"] = list(dict.fromkeys([*known, *datasets]))
     metadata.update(inherited)
     metadata.update(library_name="transformers", pipeline_tag="text-generation", tags=list(dict.fromkeys(tags)))
+    base_repo = hub_model_id(info.source.get("model"))
     if base_repo:
         metadata["base_model"] = base_repo
     data = ModelCardData(**metadata)
 
-    name = repo_id.split("/")[-1]
     body = [
         f"{GENERATED_MARKER} push: refreshed on every push; text between the notes markers below is kept. -->",
         "",
-        f"# {name}",
+        f"# {repo_id.split('/')[-1]}",
         "",
         f"`{_base_name(info.source.get('model')) or info.base_model_type}` with **LayerNorm Scaling** (LNS): the two "
         "pre-sublayer norms of block l (counted from 1) are multiplied by 1/sqrt(l), so the residual stream's "
         "variance grows more slowly with depth and the deep blocks keep contributing instead of approaching the "
         "identity (the *curse of depth*).",
         "",
+        *_what_was_done(info, trained=bool(training), license_known="license" in inherited),
+        *_scale_table(info),
+        *_load_section(info, repo_id),
+        *training,
+        *analysis,
+        *_citation(),
+        NOTES_START, _kept_notes(existing) or NOTES_HINT, NOTES_END, "",
     ]
-    training = _training_section(metrics, notes)
-    body += _what_was_done(info, trained=bool(training), license_known="license" in inherited)
-    body += _scale_table(info)
-    body += _load_section(info, repo_id)
-    body += training
-    body += _analysis_section(report, notes)
-    body += _citation()
-    body += [NOTES_START, _kept_notes(existing) or NOTES_HINT, NOTES_END, ""]
     text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
     card = ModelCard(text)  # parses the YAML back: a card that the Hub could not read fails here
     return RenderedCard(str(card.content), action, origin, notes)

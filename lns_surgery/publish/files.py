@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 # (pattern on a path component, why it stays out). Folder rules exclude everything below them.
 EXCLUDED_FOLDERS = (
     ("checkpoint-*", "intermediate checkpoint"),
+    ("checkpoints", "intermediate checkpoint"),  # where `lns-surgery pretrain/sft` moves them at the end
     ("global_step*", "DeepSpeed optimizer shards"),
     ("runs", "TensorBoard logs"),
     ("wandb", "experiment-tracker logs"),
