@@ -100,6 +100,15 @@ def test_a_local_source_is_named_without_its_path(folder):
     assert "base_model" not in ModelCard(card.text).data.to_dict()
 
 
+def test_a_hub_cache_snapshot_source_is_its_repository_and_no_source_is_said_so(folder):
+    info = check_checkpoint(folder)
+    snapshot = "/home/me/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/snapshots/" + "b" * 40
+    card = render_model_card(_from_hub_model(info, snapshot), REPO)
+    assert ModelCard(card.text).data.base_model == "Qwen/Qwen2.5-0.5B" and "/home/me" not in card.text
+    scratch = render_model_card(dataclasses.replace(info, lns=dict(info.lns, source={"model": None})), REPO).text
+    assert "A `llama` decoder with **LayerNorm Scaling**" in scratch and "**Base model**: none recorded" in scratch
+
+
 def test_folded_card_loads_with_stock_classes(checkpoints):
     card = render_model_card(check_checkpoint(checkpoints / "folded"), REPO).text
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}")' in card and "trust_remote_code" not in card
@@ -115,7 +124,7 @@ def test_training_and_analysis_figures_are_shown(folder, tmp_path):
                                         "max_steps: 30\nlns_ramp_steps: 10\n")
     card = render_model_card(check_checkpoint(folder), REPO)
     text = card.text
-    assert "## Training" in text and "trained after the conversion" in text
+    assert "## Training" in text and "- **Training**: see the figures below." in text
     assert ("Recipe (`recipe.yaml` in this repository): data [HuggingFaceFW/fineweb-edu](https://huggingface.co/datasets/"
             "HuggingFaceFW/fineweb-edu), full fine-tuning, learning rate 0.0002, max steps 30, LNS ramp steps 10.") in text
     assert _round_trip(text, tmp_path).data.datasets == ["HuggingFaceFW/fineweb-edu"]

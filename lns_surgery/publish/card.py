@@ -39,6 +39,7 @@ BIBTEX = """@inproceedings{sun2025curse,
 }"""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--([A-Za-z0-9][\w.-]*?)--([A-Za-z0-9][\w.-]*)/snapshots/")
 
 
 @dataclass
@@ -50,8 +51,14 @@ class RenderedCard:
 
 
 def hub_model_id(model: str | None) -> str | None:
-    """``model`` if it names a Hub repository (not a local folder, not ``builtin:``), else None."""
-    if not isinstance(model, str) or not _HUB_ID.match(model) or ".." in model or "--" in model:
+    """The Hub repository ``model`` names, else None: the id itself (unless a local folder has that name),
+    or the repository of a Hub-cache snapshot path (what a model loaded by id records as its name)."""
+    if not isinstance(model, str):
+        return None
+    snapshot = _CACHE_SNAPSHOT.search(model)
+    if snapshot:
+        return f"{snapshot.group(1)}/{snapshot.group(2)}"
+    if not _HUB_ID.match(model) or ".." in model or "--" in model:
         return None
     return None if os.path.exists(model) else model
 
@@ -60,8 +67,10 @@ def _base_name(model: str | None) -> str | None:
     """A printable name for the source: the Hub id, or only the last part of a local path."""
     if not model:
         return None
-    if hub_model_id(model) or model.startswith("builtin:"):
+    if model.startswith("builtin:"):
         return model
+    if hub_model_id(model):
+        return hub_model_id(model)
     return Path(model.rstrip("/")).name or model
 
 
@@ -170,12 +179,12 @@ def _what_was_done(info: CheckpointInfo, trained: bool, license_known: bool) -> 
     elif model:
         base = f"`{_base_name(model)}` (a local checkpoint)"
     else:
-        base = "not recorded"
+        base = "none recorded (a model built from a config, e.g. by `lns-surgery init`)"
     norms = ", ".join(f"`{name}`" for name in lns.get("norms", [])) or "the two pre-sublayer norms"
     lines = [
         "## What was done",
         "",
-        f"- **Base model**: {base}, a `{info.base_model_type}` decoder with {info.num_layers} blocks.",
+        f"- **Base model**: {base}; a `{info.base_model_type}` decoder with {info.num_layers} blocks.",
         f"- **LayerNorm Scaling**: the outputs of {norms} in every block of `{lns.get('layers', '?')}` "
         f"({lns.get('norm_kind', '?')}) are multiplied by the block's scale (table below); the final norm, "
         "q/k norms and post-sublayer norms are untouched. No parameters were added.",
@@ -191,7 +200,7 @@ def _what_was_done(info: CheckpointInfo, trained: bool, license_known: bool) -> 
                      "weights, so any runtime that loads the base architecture (transformers, vLLM, llama.cpp, TGI) "
                      "computes LNS without custom code.")
     if trained:
-        lines.append("- **Training**: trained after the conversion (figures below).")
+        lines.append("- **Training**: see the figures below.")
     else:
         lines.append("- **Training**: none after the conversion. LNS changes the function (deep blocks see inputs "
                      "shrunk by up to 1/sqrt(L)), so expect a higher perplexity than the base model until it is "
@@ -201,6 +210,11 @@ def _what_was_done(info: CheckpointInfo, trained: bool, license_known: bool) -> 
     if lns.get("tool_version"):
         lines.append(f"- Made with lns-surgery {lns['tool_version']}.")
     return lines + [""]
+
+
+def _subject(info: CheckpointInfo) -> str:
+    name = _base_name(info.source.get("model"))
+    return f"`{name}`" if name else f"A `{info.base_model_type}` decoder"
 
 
 def _scale_table(info: CheckpointInfo) -> list[str]:
@@ -426,7 +440,7 @@ def render_model_card(info: CheckpointInfo, repo_id: str, existing: str | None =
         "",
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"`{_base_name(info.source.get('model')) or info.base_model_type}` with **LayerNorm Scaling** (LNS): the two "
+        f"{_subject(info)} with **LayerNorm Scaling** (LNS): the two "
         "pre-sublayer norms of block l (counted from 1) are multiplied by 1/sqrt(l), so the residual stream's "
         "variance grows more slowly with depth and the deep blocks keep contributing instead of approaching the "
         "identity (the *curse of depth*).",

@@ -55,7 +55,7 @@ def resolve_token(token: str | None = None) -> str:
 
 
 def redact(text: str, token: str | None) -> str:
-    """``text`` with the token (and its Bearer header form) replaced, for anything shown to the user."""
+    """``text`` with every occurrence of the token masked, for anything shown to the user."""
     if token:
         text = text.replace(token, "hf_***")
     return text
@@ -97,8 +97,12 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 
 def _check_account(api, token: str) -> str:
-    """Who the token belongs to; refuses read-only tokens before hours of checking and uploading."""
-    info = api.whoami(token=token)
+    """Who the token belongs to. Fails fast (a bad token, an unreachable Hub, a read-only token)
+    before minutes of checking and uploading."""
+    try:
+        info = api.whoami(token=token)
+    except Exception as exc:
+        raise _hub_error(exc, "checking the token", api.endpoint, token) from None
     role = ((info.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
         raise LNSError("the token is read-only: create a token with write access")
@@ -175,16 +179,11 @@ def push(
     _check_arguments(repo_id, branch, create_pr, message)
     api = None
     if not dry_run:
-        from huggingface_hub import HfApi, constants
+        from huggingface_hub import HfApi
 
         token = resolve_token(token)
         api = HfApi(endpoint=endpoint, token=token)
-        try:
-            _check_account(api, token)
-        except LNSError:
-            raise
-        except Exception as exc:
-            raise _hub_error(exc, "checking the token", api.endpoint or constants.ENDPOINT, token) from None
+        _check_account(api, token)
 
     info = check_checkpoint(folder)
     selection = select_files(folder)
