@@ -202,9 +202,10 @@ def test_licence_comes_from_the_base_card_in_the_hub_cache(folder, tmp_path, mon
 
 
 @pytest.mark.parametrize("kind", ["lns", "folded"])
-def test_the_load_snippet_runs_against_the_folder(checkpoints, kind):
+def test_the_load_snippet_runs_against_the_folder(checkpoints, kind, tmp_path, monkeypatch):
     """The card's Python block, with the repository id pointed at the local folder, in a fresh
     interpreter where lns_surgery cannot be imported: what a reader of the card would run."""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))  # its own copy of the custom code
     folder = checkpoints / kind
     card = render_model_card(check_checkpoint(folder), REPO).text
     blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)

@@ -85,7 +85,7 @@ def _assert_refused(process, expected: str):
 # --- the real thing -------------------------------------------------------------------------------
 
 
-def test_push_uploads_exactly_the_checked_files_and_they_load(folder, hub, tmp_path):
+def test_push_uploads_exactly_the_checked_files_and_they_load(folder, hub, tmp_path, monkeypatch):
     process = _push(str(folder), "--repo-id", REPO, "--token", TOKEN, endpoint=hub.url, cwd=tmp_path)
     output = process.stdout + process.stderr
     assert process.returncode == 0, output
@@ -110,6 +110,7 @@ def test_push_uploads_exactly_the_checked_files_and_they_load(folder, hub, tmp_p
     # compare with the folder that was checked.
     download = tmp_path / "downloaded"
     hub.write_received(REPO, download)
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
     check = run_fresh_python(f"""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
