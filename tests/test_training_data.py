@@ -60,19 +60,32 @@ def test_chat_without_template_gets_chatml_and_assistant_only_loss(stories_path,
     trainer, info = build_trainer(recipe_from_dict(settings, "sft"))
     assert info["dataset_format"] == "messages"
     tokenizer = trainer.processing_class
-    assert "{% generation %}" in tokenizer.chat_template.replace("{%-", "{%").replace(" %}", " %}")
-    assert set(info["added_token_ids"]) == set(tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]))
-    assert trainer.model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert "generation %}" in tokenizer.chat_template
+    # stories260K has no ChatML markers: its own BOS/EOS mark the turns, nothing is added to the vocabulary
+    assert info["added_token_ids"] == [] and len(tokenizer) == 512
     full, trained, example = _loss_text(trainer)
     assistant = next(m["content"] for m in first if m["role"] == "assistant")
     user = next(m["content"] for m in first if m["role"] == "user")
+    assert full.replace(" ", "").startswith("<s>system")
     assert user.replace(" ", "") in full.replace(" ", "")
-    # exactly the assistant's reply and its end-of-turn marker are trained
-    assert trained.replace(" ", "") == (assistant + "<|im_end|>").replace(" ", "")
-    # the new tokens are trainable under LoRA, and generation stops at the end of the turn
-    assert any("trainable_tokens" in name for name, p in trainer.model.named_parameters() if p.requires_grad)
-    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert end_id in trainer.model.generation_config.eos_token_id
+    # exactly the assistant's reply and the EOS that ends its turn are trained
+    assert trained.replace(" ", "") == (assistant + tokenizer.eos_token).replace(" ", "")
+    assert example["labels"][-1] == -100  # the newline after the turn is not
+
+
+def test_chatml_markers_are_used_when_the_vocabulary_has_them(stories_path):
+    from lns_surgery.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(stories_path))
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    assert data.chatml_for(tokenizer) == data.CHATML_TEMPLATE
+    tokenizer.chat_template = data.CHATML_TEMPLATE
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n")
+    rendered = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    trained = [t for t, m in zip(rendered["input_ids"], rendered["assistant_masks"]) if m]
+    assert tokenizer.decode(trained).replace(" ", "") == "Hello<|im_end|>"
 
 
 def test_chat_with_own_template_and_full_loss(stories_path, tmp_path):

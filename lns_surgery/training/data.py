@@ -34,18 +34,27 @@ ALPACA_PROMPT = (
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
 # ChatML with the assistant's reply and its end-of-turn inside {% generation %}, so that
 # return_assistant_tokens_mask (TRL's assistant_only_loss) marks exactly what the model must learn to say.
-CHATML_TEMPLATE = (
+_CHATML = (
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{{- 'START' + message['role'] + '\\n' }}"
     "{%- if message['role'] == 'assistant' %}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{%- generation %}{{- message['content'] + 'END' }}{%- endgeneration %}"
     "{{- '\\n' }}"
     "{%- else %}"
-    "{{- message['content'] + '<|im_end|>' + '\\n' }}"
+    "{{- message['content'] + 'END' + '\\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{- 'STARTassistant\\n' }}{%- endif %}"
 )
+
+
+def chatml_template(start: str = CHATML_START, end: str = CHATML_END) -> str:
+    """ChatML with generation tags; ``start``/``end`` replace its two markers (see ``template_for``)."""
+    quote = lambda text: text.replace("\\", "\\\\").replace("'", "\\'")  # noqa: E731
+    return _CHATML.replace("START", quote(start)).replace("END", quote(end))
+
+
+CHATML_TEMPLATE = chatml_template()
 
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 
@@ -201,9 +210,22 @@ def prepare_dataset(dataset, data_format: str, text_field: str = "text"):
 # --- tokenizer: pad token and chat template ------------------------------------------------------
 
 
-def resolve_chat_template(value: str) -> str:
-    if value.lower() == "chatml":
+def chatml_for(tokenizer) -> str:
+    """ChatML for this tokenizer. A base model's vocabulary rarely has ``<|im_start|>``/``<|im_end|>``:
+    then its own BOS and EOS mark the turns, so no token is added (new rows would start untrained, and a
+    LoRA run could not train them) and generation stops at the EOS it already knows."""
+    vocab = tokenizer.get_vocab()
+    if CHATML_START in vocab and CHATML_END in vocab:
         return CHATML_TEMPLATE
+    if tokenizer.eos_token is None:
+        raise LNSError("the tokenizer has neither ChatML's <|im_end|> nor an EOS token to end chat turns with; "
+                       "give a chat_template")
+    return chatml_template(tokenizer.bos_token or "", tokenizer.eos_token)
+
+
+def resolve_chat_template(value: str, tokenizer=None) -> str:
+    if value.lower() == "chatml":
+        return chatml_for(tokenizer) if tokenizer is not None else CHATML_TEMPLATE
     path = Path(os.path.expanduser(value))
     if path.suffix in (".jinja", ".j2"):
         if not path.is_file():
@@ -215,32 +237,25 @@ def resolve_chat_template(value: str) -> str:
 
 
 def prepare_tokenizer(tokenizer, model, data_format: str, chat_template: str | None = None) -> list[int]:
-    """Give the tokenizer a pad token and (for chat data) a chat template; returns ids of tokens it added.
-
-    New tokens (ChatML's markers, a pad token) grow the model's embeddings; the caller makes them trainable.
-    """
-    added: list[str] = []
-    template = resolve_chat_template(chat_template) if chat_template else None
+    """Give the tokenizer a pad token and (for chat data) a chat template; returns the ids of tokens it
+    had to add (only a pad token, for a tokenizer without EOS and UNK: padding never carries loss)."""
+    template = resolve_chat_template(chat_template, tokenizer) if chat_template else None
     if template is None and data_format == "messages" and not tokenizer.chat_template:
         logger.info("the tokenizer has no chat template: using ChatML")
-        template = CHATML_TEMPLATE
+        template = chatml_for(tokenizer)
     if template is not None:
         tokenizer.chat_template = template
-        if CHATML_START in template:
-            added += [t for t in (CHATML_START, CHATML_END) if t not in tokenizer.get_vocab()]
+    added = []
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss, so eos is safe
         elif tokenizer.unk_token is not None:
             tokenizer.pad_token = tokenizer.unk_token
         else:
-            added.append("<|pad|>")
-    if added:
-        tokenizer.add_tokens([t for t in added if t != "<|pad|>"], special_tokens=True)
-        if "<|pad|>" in added:
             tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-        model.resize_token_embeddings(len(tokenizer))
-    if template is not None and CHATML_END in template:
+            model.resize_token_embeddings(len(tokenizer))
+            added.append(tokenizer.pad_token_id)
+    if template is not None and CHATML_END in template and CHATML_END in tokenizer.get_vocab():
         # generation must stop at the end of the assistant's turn
         end_id = tokenizer.convert_tokens_to_ids(CHATML_END)
         eos = model.generation_config.eos_token_id
@@ -249,4 +264,4 @@ def prepare_tokenizer(tokenizer, model, data_format: str, chat_template: str | N
             model.generation_config.eos_token_id = [*eos, end_id]
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return tokenizer.convert_tokens_to_ids(added) if added else []
+    return added

@@ -71,7 +71,7 @@ def _plan_output(args, training, state) -> tuple[Path, Path, str | None]:
     return final, work, resume_from
 
 
-def _peft_config(args, model_config, model, added_token_ids):
+def _peft_config(args, model_config, model):
     from trl import get_peft_config
 
     from lns_surgery.training.models import norm_module_names
@@ -84,11 +84,6 @@ def _peft_config(args, model_config, model, added_token_ids):
     if args.train_norms:
         names = norm_module_names(model)
         peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(names))
-    if added_token_ids:
-        # tokens added for the chat template or padding start untrained: let LoRA runs train their rows
-        embed = model.get_input_embeddings()
-        embed_name = next(name for name, module in model.named_modules() if module is embed).rsplit(".", 1)[-1]
-        peft_config.trainable_token_indices = {embed_name: list(added_token_ids)}
     return peft_config
 
 
@@ -130,7 +125,7 @@ def build_trainer(recipe: Recipe, callbacks=None):
 
     model = models.load_model(args, training, model_config, tokenizer=tokenizer)
     added = data.prepare_tokenizer(tokenizer, model, data_format, args.chat_template)
-    peft_config = _peft_config(args, model_config, model, added)
+    peft_config = _peft_config(args, model_config, model)
     extra = list(callbacks or [])
     if args.lns_ramp_steps:
         extra.insert(0, LNSRampCallback(args.lns_ramp_steps))
@@ -230,6 +225,8 @@ def _save_outputs(trainer, recipe: Recipe, work: Path, final: Path, info: dict, 
                 model.config.use_cache = True
                 model.save_pretrained(str(work))
                 tokenizer.save_pretrained(str(work))
+                if args.export == "merged":
+                    shutil.rmtree(adapter_dir)
             state.wait_for_everyone()
         else:
             model = trainer.model
