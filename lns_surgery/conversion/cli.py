@@ -31,7 +31,9 @@ def _quiet_transformers() -> None:
 @click.option("--revision", default=None, help="Hub revision when MODEL is a Hub id.")
 @click.option("--link", type=click.Choice(["auto", "copy", "hardlink"]), default="auto", show_default=True,
               help="How weight files are copied: auto = copy-on-write clone if possible, else a copy.")
-def convert_command(model, out, mode, alpha, overwrite, trust_remote_code, layers, norms, revision, link):
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None,
+              help="Then validate and publish the output as Hub repository REPO (token: HF_TOKEN or the stored login).")
+def convert_command(model, out, mode, alpha, overwrite, trust_remote_code, layers, norms, revision, link, push_to_hub):
     """Convert MODEL (a local folder or a Hub id) to LayerNorm Scaling."""
     _quiet_transformers()
     from lns_surgery.conversion.convert import convert
@@ -42,6 +44,10 @@ def convert_command(model, out, mode, alpha, overwrite, trust_remote_code, layer
         click.echo(f"wrote {path}: load it with AutoModelForCausalLM.from_pretrained('{path}', trust_remote_code=True)")
     else:
         click.echo(f"wrote {path}: a stock checkpoint with the scales folded into its norm weights")
+    if push_to_hub:
+        from lns_surgery.publish import push_to_hub as publish
+
+        publish(path, push_to_hub)
 
 
 @click.command("fold")
