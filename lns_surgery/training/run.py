@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lns_surgery.errors import LNSError
-from lns_surgery.training.recipe import Recipe, recipe_from_dict
+from lns_surgery.training.recipe import Recipe, recipe_from_dict  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -188,20 +188,40 @@ def _plain(value):
     return value
 
 
+# run-specific switches, and a key the parser reads as a boolean although the run stores a mode in it
+_NOT_RECIPE_KEYS = ("resume", "overwrite", "resume_from_checkpoint", "include_num_input_tokens_seen")
+
+
+def _default(field, command_defaults: dict):
+    if field.name in command_defaults:
+        return command_defaults[field.name]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
 def recipe_settings(recipe: Recipe, output_dir: Path) -> dict:
-    """The recipe keys of this run that differ from the command's defaults: a recipe that reproduces it."""
-    defaults = recipe_from_dict({}, recipe.command)
+    """The recipe keys of this run that differ from the command's defaults: a recipe that reproduces it.
+
+    Defaults come from the dataclass fields, not from building new ``SFTConfig`` objects: that would
+    set up devices (and, under a launcher, talk to the other processes) on the main process alone.
+    """
+    from lns_surgery.training.recipe import command_defaults
+
+    defaults = command_defaults(recipe.command)
     settings = {}
-    for part, default in zip(recipe.as_tuple(), defaults.as_tuple()):
+    for part in recipe.as_tuple():
         for field in dataclasses.fields(part):
-            if not field.init or field.name in ("resume", "overwrite"):
+            if not field.init or field.name in _NOT_RECIPE_KEYS:
                 continue
             value = _plain(getattr(part, field.name))
             plain_type = isinstance(value, (str, int, float, bool, list, dict, type(None)))
-            if plain_type and value != _plain(getattr(default, field.name)):
+            if plain_type and value != _plain(_default(field, defaults)):
                 settings[field.name] = value
     settings["output_dir"] = str(output_dir)
-    for derived in ("logging_dir", "hub_token", "deepspeed_plugin"):
+    for derived in ("logging_dir", "hub_token", "deepspeed_plugin", "distributed_state"):
         settings.pop(derived, None)
     return settings
 
