@@ -71,6 +71,9 @@ def test_skipping_a_block_equals_the_model_built_without_it(model_type):
     torch.testing.assert_close(skipped, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(whole, expected, atol=1e-4)  # the block did something, and it is back
     assert all("forward" not in block.__dict__ for block in block_layout(model).blocks)
+    # The sweep reuses the recorded input of the block instead of recomputing the blocks before it.
+    with torch.inference_mode():
+        assert depth_measures(model, windows)["removal_loss"][index] == pytest.approx(_nll(reference, windows), rel=1e-5)
 
 
 def test_removal_sweep_equals_perplexity_of_each_deleted_model():

@@ -28,8 +28,16 @@ def _overlay(report: dict, key: str, ylabel: str, title: str, path: Path, log: b
         if points:
             blocks, values = zip(*points)
             axes.plot(blocks, values, marker="o", markersize=3, label=f"{model['name']} ({model['status']})")
-    if log and all(v > 0 for m in report["models"] for v in (layer[key] for layer in m["layers"]) if v is not None):
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    values = [layer[key] for m in report["models"] for layer in m["layers"] if layer[key] is not None]
+    if log and values and min(values) > 0:
         axes.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        axes.yaxis.set_major_formatter(plain)
+        if max(values) / min(values) < 100:  # few decades: label the minor ticks too
+            axes.yaxis.set_minor_formatter(plain)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if key == "removal_loss_increase":
         axes.axhline(0.0, color="grey", linewidth=0.8)
     axes.set_xlabel("block l (1 = first)")

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import gc
-import logging
 from pathlib import Path
 
 from lns_surgery.analysis import report as report_module
 from lns_surgery.analysis.data import describe_source, token_windows
 from lns_surgery.errors import LNSError
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 100_000
 DEFAULT_SEQ_LEN = 512
@@ -276,6 +273,8 @@ def analyze(
         raise LNSError("give one name per model")
     out = Path(out)
     check_output(out, overwrite)
+    if not isinstance(data, (str, Path)):
+        data = list(data)  # every model reads the same documents
     if batch_size < 1:
         raise LNSError("--batch-size must be at least 1")
     task_names = parse_tasks(tasks)
@@ -311,14 +310,12 @@ def analyze(
         plans.append({"label": label, "item": item, "folder": folder, "tokenizer": model_tokenizer, "windows": windows})
 
     entries = []
-    for position, plan in enumerate(plans):
+    for plan in plans:
         if plan["folder"] is not None:
             model = load_model(plan["folder"], dtype=load_dtype, trust_remote_code=trust_remote_code)
             model.to(device)
         else:
             model = plan["item"]
-        if progress:
-            logger.info("analysing %s (%d/%d)", plan["label"], position + 1, len(plans))
         entry = analyze_model(
             model, plan["windows"], name=plan["label"], batch_size=batch_size, last_token=last_token,
             tasks=task_names, tasks_limit=tasks_limit, tokenizer=plan["tokenizer"], progress=progress,
