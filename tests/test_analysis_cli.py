@@ -194,3 +194,11 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, stories_path):
         analyze([tiny_model("llama")], texts, tmp_path / "report", tokenizer=lns_surgery.load_tokenizer(str(stories_path)),
                 max_tokens=256, seq_len=32, progress=False)
     assert not (tmp_path / "report").exists()
+
+
+def test_missing_models_are_refused_before_anything_is_loaded(tmp_path):
+    for model, message in [(tmp_path / "nope", "no such model folder"), ("someone/missing-model", "could not be fetched"),
+                           (tmp_path, "has no config.json")]:
+        with pytest.raises(LNSError, match=message):
+            analyze([model], ["some text"], tmp_path / "report", progress=False)
+    assert not (tmp_path / "report").exists()

@@ -200,3 +200,16 @@ def test_analyze_model_tokenises_text_and_refuses_windows_longer_than_the_model(
     model = tiny_model("llama")  # max_position_embeddings 64
     with pytest.raises(LNSError, match="longer than"):
         analyze_model(model, _windows(count=2, length=65))
+
+
+def test_a_peft_wrapped_model_is_analysed_through_its_base_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama")
+    windows = _windows()
+    plain = analyze_model(model, windows)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # LoRA B = 0: same function
+    entry = analyze_model(wrapped, windows)
+    assert entry["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-6)
+    assert [layer["removal_perplexity"] for layer in entry["layers"]] == pytest.approx(
+        [layer["removal_perplexity"] for layer in plain["layers"]], rel=1e-6)
