@@ -316,9 +316,9 @@ def depth_measures(
                     variance_sum[index] += values.var(dim=-1, unbiased=False).sum().item()
                     norm_sum[index] += values.norm(dim=-1).sum().item()
                 for index, mid in enumerate(recorder.mids):
-                    if mid is None or not splittable[index]:
+                    if not splittable[index]:
                         continue
-                    if torch.equal(mid, states[index]):  # parallel residual: the norm reads the block input
+                    if mid is None or torch.equal(mid, states[index]):  # parallel residual: the norm reads the block input
                         splittable[index] = False
                         continue
                     attention_sum[index] += (mid.float() - states[index].float()).norm(dim=-1).sum().item()
