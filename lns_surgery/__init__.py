@@ -21,6 +21,8 @@ _API = {
     "layer_scale": "lns_surgery.modeling.lns_layers",
     "load_model": "lns_surgery.loading",
     "load_tokenizer": "lns_surgery.loading",
+    "analyze": "lns_surgery.analysis.run",
+    "analyze_model": "lns_surgery.analysis.run",
     "push": "lns_surgery.publish.upload",
     "push_to_hub": "lns_surgery.publish.cli",
     "LNSError": "lns_surgery.errors",

@@ -26,6 +26,7 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, **kwargs):
 
     from lns_surgery.modeling.auto import register
 
+    path = _resolve_builtin(path)
     config = _config_dict(path)
     if config is not None and config.get("lns"):
         if register(config["lns"]) is None and not trust_remote_code:
@@ -36,9 +37,18 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, **kwargs):
         raise LNSError(f"could not load a model from '{path}': {str(exc).strip().splitlines()[0]}") from None
 
 
+def _resolve_builtin(path):
+    if str(path).startswith("builtin:"):
+        from lns_surgery.conversion.builtin import builtin_path
+
+        return builtin_path(str(path)[len("builtin:"):])
+    return path
+
+
 def load_tokenizer(path: str | Path, **kwargs):
     from transformers import AutoTokenizer
 
+    path = _resolve_builtin(path)
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:

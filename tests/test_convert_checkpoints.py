@@ -186,3 +186,13 @@ def test_in_process_loading_needs_no_remote_code(stories_path, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "lns")  # no trust_remote_code
     assert type(model).__module__ == "lns_surgery.modeling.auto" and type(model).__name__ == "LNSLlamaForCausalLM"
     assert model.model.layers[4].post_attention_layernorm.lns_scale == pytest.approx(1 / 5**0.5)
+
+
+def test_lns_models_describe_their_own_layout_and_builtins_load():
+    from lns_surgery.conversion.apply import architecture_for_model
+
+    model = lns_surgery.load_model("builtin:tiny-llama")
+    assert not lns_surgery.is_lns_model(model)
+    lns_surgery.apply_layernorm_scaling(model)
+    arch = architecture_for_model(model)
+    assert (arch.model_type, arch.layers, arch.norms) == ("llama", "model.layers", ("input_layernorm", "post_attention_layernorm"))

@@ -16,6 +16,10 @@ def architecture_for_model(model: nn.Module, layers: str | None = None, norms: l
     """The registry entry for the model's ``model_type``, or what inspection finds (``layers``/``norms`` override)."""
     from lns_surgery.conversion.detect import detect_architecture
 
+    lns = getattr(model.config, "lns", None)
+    if lns and layers is None and norms is None:  # an LNS model describes itself
+        return Architecture(lns["base_model_type"], lns["layers"], tuple(lns["norms"]), lns["norm_kind"],
+                            dict(lns["base_classes"]))
     arch = lookup(model.config.model_type)
     if arch is not None and layers is None and norms is None:
         return arch
