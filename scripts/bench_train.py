@@ -5,7 +5,7 @@
 2. Padding-free packing vs padding: real (non-pad) tokens per second on Alpaca-like lengths, with
    TRL's own collator and best-fit-decreasing packing, as SFT runs use them.
 
-CPU (default): a small Llama (2.5M parameters), fp32, one thread; about a minute.
+CPU (default): a small Llama (1.4M parameters), fp32, one thread; under a minute.
 GPU (--gpu): bf16, Qwen2.5-0.5B shapes with random weights, sdpa (flash-attention 2 when installed);
 also reports MFU against the GPU's dense bf16 peak. Sized to finish in under 5 minutes on one H200.
 

@@ -124,6 +124,11 @@ def build_trainer(recipe: Recipe, callbacks=None):
         raise LNSError("a streamed dataset has no length: set max_steps")
 
     model = models.load_model(args, training, model_config, tokenizer=tokenizer)
+    if training.use_liger_kernel and getattr(model.config, "lns", None):
+        # Liger patches by model_type and has none for lns_*: it would silently leave the model as it is
+        logger.warning("use_liger_kernel: Liger has no kernels for %s models; training without them",
+                       model.config.model_type)
+        training.use_liger_kernel = False
     added = data.prepare_tokenizer(tokenizer, model, data_format, args.chat_template)
     peft_config = _peft_config(args, model_config, model)
     extra = list(callbacks or [])
