@@ -201,7 +201,7 @@ def test_resume_after_kill(stories_path, tmp_path):
     flags = ["--model_name_or_path", str(stories_path), "--output_dir", str(out),
              "--dataset_name", str(shared_path("data/c4-sample/c4_sample300.jsonl")),
              "--max_steps", "8", "--save_steps", "2", "--eval_steps", "4", "--lns_ramp_steps", "6",
-             "--max_length", "64", "--logging_steps", "1", "--disable_tqdm", "true"]
+             "--max_length", "64", "--max_eval_samples", "4", "--logging_steps", "1", "--disable_tqdm", "true"]
     killed = subprocess.run([sys.executable, "-c", textwrap.dedent(_KILLED_RUN), str(recipe), *flags],
                             capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
