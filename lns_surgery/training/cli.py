@@ -20,7 +20,7 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
 
 
-def _run(command: str, recipe, resume: bool, overwrite: bool, extra: list[str]) -> None:
+def _run(command: str, recipe, resume: bool, overwrite: bool, extra: list[str], push_to_hub: str | None = None) -> None:
     _quiet()
     from lns_surgery.training.recipe import parse_recipe
     from lns_surgery.training.run import train
@@ -36,8 +36,14 @@ def _run(command: str, recipe, resume: bool, overwrite: bool, extra: list[str]) 
     summary = f"wrote {result.output_dir} ({result.metrics['train']['global_step']} steps"
     if "eval_loss" in evaluation:
         summary += f", eval loss {evaluation['eval_loss']:.4f}, perplexity {evaluation['eval_perplexity']:.2f}"
-    if result.trainer is not None and result.trainer.is_world_process_zero():
+    main_process = result.trainer is None or result.trainer.is_world_process_zero()
+    if main_process:
         click.echo(summary + ")")
+    if push_to_hub and main_process:
+        # Our own push, not the Trainer's: it validates the folder and writes the model card first.
+        from lns_surgery.publish import push_to_hub as publish
+
+        publish(result.output_dir, push_to_hub)
     if result.trainer is not None:
         result.trainer.end()  # finish the trackers and the process group
 
@@ -49,27 +55,31 @@ _RECIPE_HELP = "YAML recipe; any recipe key can also be given as --key value and
 @click.option("--recipe", type=click.Path(dir_okay=False), default=None, help=_RECIPE_HELP)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run of this output_dir from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace output_dir and any leftover checkpoints.")
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None,
+              help="At the end, validate and publish output_dir as Hub repository REPO.")
 @click.pass_context
-def pretrain_command(ctx, recipe, resume, overwrite):
+def pretrain_command(ctx, recipe, resume, overwrite, push_to_hub):
     """Continued pre-training (healing) of a converted model, or pre-training from scratch.
 
     Packs plain text, trains all weights by default; `lns_ramp_steps: N` starts from the original
     function and reaches full LayerNorm Scaling after N steps.
     """
-    _run("pretrain", recipe, resume, overwrite, ctx.args)
+    _run("pretrain", recipe, resume, overwrite, ctx.args, push_to_hub)
 
 
 @click.command("sft", context_settings=_PASS_THROUGH)
 @click.option("--recipe", type=click.Path(dir_okay=False), default=None, help=_RECIPE_HELP)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run of this output_dir from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace output_dir and any leftover checkpoints.")
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None,
+              help="At the end, validate and publish output_dir as Hub repository REPO.")
 @click.pass_context
-def sft_command(ctx, recipe, resume, overwrite):
+def sft_command(ctx, recipe, resume, overwrite, push_to_hub):
     """Supervised fine-tuning (LoRA by default, or full) on alpaca, chat or prompt/completion data.
 
     Writes the adapter and a merged standalone LNS checkpoint; see recipes/README.md.
     """
-    _run("sft", recipe, resume, overwrite, ctx.args)
+    _run("sft", recipe, resume, overwrite, ctx.args, push_to_hub)
 
 
 @click.command("init", context_settings={"help_option_names": ["-h", "--help"]})
