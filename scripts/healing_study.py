@@ -204,6 +204,8 @@ def run_study(settings: dict, out: Path, *, overwrite: bool = False, keep_models
     started = time.time()
     tokenizer = load_tokenizer(settings["model"])
     base = load_model(settings["model"], dtype=torch.float32)
+    if torch.cuda.is_available() and not settings["cpu"]:  # the trained arms are analysed where they trained
+        base.to("cuda")
     if is_lns_model(base) or getattr(base.config, "lns_folded", None):
         raise LNSError(f"'{settings['model']}' already has LayerNorm Scaling; the study starts from a stock (Pre-LN) model")
     texts = held_out_texts(recipe_for("stock", settings, out))

@@ -119,7 +119,6 @@ def paper_130m_preset(steps: int | None) -> dict:
         recipe["max_steps"] = steps
         recipe["warmup_steps"] = max(1, steps // 10)  # the paper's 2K of 20K
         recipe["eval_steps"] = max(1, steps // 10)
-        recipe["save_steps"] = max(1, steps // 10)
     return {
         "name": "130m",
         "model_preset": model_preset,
@@ -263,10 +262,10 @@ def run(preset: dict, seed: int, out: Path, *, overwrite: bool = False, keep_mod
         scratch = Path(scratch)
         tokenizer_dir = prepare_tokenizer(preset["tokenizer"], scratch / "tokenizer")
         tokenizer = load_tokenizer(tokenizer_dir)
+        # no intermediate checkpoints: this script does not resume (for a resumable 130M run, train
+        # recipes/scratch-130m.yaml with `lns-surgery pretrain --resume`)
         common = {**preset["recipe"], "seed": seed, "data_seed": seed, "save_strategy": "no", "report_to": "none",
                   "activation_checkpointing": False, "overwrite": True}
-        if preset["name"] == "130m":  # keep the recipe's checkpoints: a 130M run takes hours
-            common["save_strategy"] = preset["recipe"].get("save_strategy", "steps")
         variance_windows = held_out_windows(preset, common, tokenizer, preset["variance_windows"])
         analysis_windows = held_out_windows(preset, common, tokenizer, preset["analysis_windows"])
 
