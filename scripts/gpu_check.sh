@@ -42,7 +42,8 @@ CUDA_REPORT="$("$PYTHON" -c 'import torch; print(torch.__version__, torch.versio
     || fail_setup "torch cannot be imported: $(echo "$CUDA_REPORT" | tail -n 1)"
 case "$CUDA_REPORT" in
     *" True") ;;
-    *) fail_setup "torch ${CUDA_REPORT% *} cannot use the GPU (a CPU-only build, or a driver mismatch); install a CUDA build of torch" ;;
+    *) fail_setup "torch ${CUDA_REPORT% *} cannot use the GPU (a CPU-only build, or a driver mismatch);" \
+                  "install a CUDA build of torch" ;;
 esac
 
 cd "$REPO" || exit 2
@@ -165,7 +166,8 @@ checks = {
 }
 problems = []
 if checks["model_type"] != "lns_qwen2" or checks["lns_alpha"] != 1.0:
-    problems.append(f"the export is not a full-strength LNS checkpoint (model_type {checks['model_type']}, alpha {checks['lns_alpha']})")
+    problems.append(f"the export is not a full-strength LNS checkpoint "
+                    f"(model_type {checks['model_type']}, alpha {checks['lns_alpha']})")
 final, first = checks["eval_loss_final"], checks["eval_loss_first"]
 if final is None or not math.isfinite(final) or first is None or not final < first:
     problems.append(f"held-out loss did not fall: {first} -> {final}")

@@ -60,13 +60,15 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order and of the held-out split (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("out/healing-study"), help="output folder (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--ramp-steps", type=int, default=None, help="steps of the lns-ramp arm's ramp (default: a quarter of --steps)")
+    parser.add_argument("--ramp-steps", type=int, default=None,
+                        help="steps of the lns-ramp arm's ramp (default: a quarter of --steps)")
     parser.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: a tenth of --steps)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine schedule (default: %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 5%% of --steps)")
-    parser.add_argument("--eval-fraction", type=float, default=0.1, help="held-out fraction of --data's records (default: %(default)s)")
+    parser.add_argument("--eval-fraction", type=float, default=0.1,
+                        help="held-out fraction of --data's records (default: %(default)s)")
     parser.add_argument("--text-field", default="text", help="record field holding the text (default: %(default)s)")
     parser.add_argument("--analysis-tokens", type=int, default=16384,
                         help="held-out tokens for the depth diagnostics (default: %(default)s)")
@@ -348,7 +350,8 @@ def write_plot(results: dict, path: Path) -> None:
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("held-out perplexity")
     settings = results["settings"]
-    axes.set_title(f"Healing {Path(str(settings['model'])).name}: {results['tokens_per_arm']:,} tokens per arm, seed {settings['seed']}",
+    name = Path(str(settings["model"])).name
+    axes.set_title(f"Healing {name}: {results['tokens_per_arm']:,} tokens per arm, seed {settings['seed']}",
                    fontsize=10)
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize=8)

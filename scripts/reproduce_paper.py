@@ -499,7 +499,8 @@ def summary_markdown(results: dict) -> str:
         lines.append(f"| {point['step']} | {_fmt(point['eval_perplexity'])} | {_fmt(lns_curve.get(point['step']))} |")
 
     lines += ["", "## Per block at the end", "",
-              "| block | variance Pre-LN | variance LNS | angular dist. Pre-LN | angular dist. LNS | removal Δloss Pre-LN | removal Δloss LNS |",
+              "| block | variance Pre-LN | variance LNS | angular dist. Pre-LN | angular dist. LNS "
+              "| removal Δloss Pre-LN | removal Δloss LNS |",
               "|---|---|---|---|---|---|---|"]
     for index in range(model["num_hidden_layers"]):
         row = [depth["pre-ln"]["output_variance"][index], depth["lns"]["output_variance"][index],

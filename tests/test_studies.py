@@ -94,7 +94,8 @@ def test_healing_study_refuses_bad_settings(stories_path, tmp_path):
     result = run_script("scripts/healing_study.py", "--model", str(stories_path), "--data", "unused.jsonl", "--steps", "4",
                         "--ramp-steps", "9", "--out", str(out))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: --ramp-steps must be between 1 and --steps (4), so that the ramp arm ends at full LNS"]
+    assert result.stderr.strip().splitlines() == [
+        "error: --ramp-steps must be between 1 and --steps (4), so that the ramp arm ends at full LNS"]
     assert not out.exists()
 
 
