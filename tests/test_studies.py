@@ -44,6 +44,7 @@ def no_leftovers(out: Path) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], "a staging folder was left behind"
 
 
+@pytest.mark.slow
 def test_healing_study_end_to_end(stories_path, tmp_path):
     data = small_c4(tmp_path, 60)
     out = tmp_path / "healing"
@@ -99,6 +100,7 @@ def test_healing_study_refuses_bad_settings(stories_path, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_reproduce_paper_tiny_end_to_end(tmp_path):
     shared_path("models/stories260K")
     shared_path("data/c4-sample/c4_sample300.jsonl")
