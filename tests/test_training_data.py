@@ -107,14 +107,26 @@ def test_text_packs_and_trains_every_token(stories_path, tmp_path):
     trainer, info = build_trainer(recipe_from_dict(settings, "pretrain"))
     assert info["dataset_format"] == "text" and not info["lora"]
     lengths = [len(example["input_ids"]) for example in trainer.train_dataset]
-    assert max(lengths) == 64 and sum(lengths) > 20 * 10
+    # pre-training packs "wrapped": documents are concatenated and cut into full windows, none dropped
+    assert set(lengths[:-1]) == {64} and sum(lengths) > 20 * 64
     example = trainer.train_dataset[0]
     assert example["labels"] == example["input_ids"]
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
-    # padding-free packing: one flat row, positions restart at each document, no attention mask
+    assert batch["input_ids"].shape == (2, 64)
+    assert "attention_mask" not in batch or bool(batch["attention_mask"].all())  # no padding anywhere
+    assert trainer.processing_class.pad_token is not None  # set although stories260K has none
+
+
+def test_sft_packing_is_padding_free(stories_path, tmp_path):
+    """SFT with packing: one flat row, positions restart at each record, no attention mask (sdpa keeps
+    the records apart through position_ids)."""
+    path = shared_path("data/alpaca/alpaca_first100.json")
+    settings = _settings(stories_path, tmp_path, dataset_name=str(path), packing=True, max_length=512)
+    trainer, info = build_trainer(recipe_from_dict(settings, "sft"))
+    assert info["dataset_format"] == "alpaca"
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
     assert int((batch["position_ids"][0] == 0).sum()) >= 2
-    assert trainer.processing_class.pad_token is not None  # set although stories260K has none
 
 
 def test_prompt_completion_and_text_files(stories_path, tmp_path):

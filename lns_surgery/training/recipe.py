@@ -114,7 +114,9 @@ def command_defaults(command: str) -> dict:
         "logging_steps": 10,
     }
     if command == "pretrain":
-        defaults.update({"dataset_format": "text", "packing": True, "use_peft": False})
+        # "wrapped" concatenates documents and cuts fixed windows, as pre-training does; TRL's
+        # default (bfd) truncates each document to max_length and drops the rest of long ones.
+        defaults.update({"dataset_format": "text", "packing": True, "packing_strategy": "wrapped", "use_peft": False})
     elif command == "sft":
         defaults.update({"use_peft": True})
     else:
