@@ -178,9 +178,10 @@ def write_tensor_in_place(file: Path, entry: TensorEntry, tensor) -> None:
 def copy_file(source: Path, target: Path, link: str = "auto") -> str:
     """Copy one file the fastest safe way; returns how ("reflink", "hardlink" or "copy").
 
-    ``auto`` uses a copy-on-write clone where the filesystem has one, else a kernel-side copy. Hard
-    links are faster still but share the source's bytes: anything that later rewrites the output in
-    place would change the original too, so they are used only when asked for.
+    ``auto`` uses a copy-on-write clone where the filesystem has one, else a kernel-side copy into the
+    same open file (re-opening it with truncation would make ext4 flush it on close). Hard links are
+    faster still but share the source's bytes: anything that later rewrites the output in place
+    would change the original too, so they are used only when asked for.
     """
     if link == "hardlink":
         try:
@@ -188,16 +189,35 @@ def copy_file(source: Path, target: Path, link: str = "auto") -> str:
             return "hardlink"
         except OSError:
             pass
-    if link in ("auto", "hardlink"):
-        try:
-            with open(source, "rb") as src, open(target, "wb") as dst:
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        if link in ("auto", "hardlink"):
+            try:
                 fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
-            return "reflink"
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EPERM):
-                raise
-    shutil.copyfile(source, target)  # sendfile / copy_file_range: the kernel moves the bytes
+                return "reflink"
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EPERM):
+                    raise
+        _kernel_copy(src, dst)
     return "copy"
+
+
+def _kernel_copy(src, dst) -> None:
+    """copy_file_range (the kernel moves the bytes, like cp), else a buffered copy."""
+    remaining = os.fstat(src.fileno()).st_size
+    try:
+        while remaining > 0:
+            copied = os.copy_file_range(src.fileno(), dst.fileno(), remaining)
+            if copied == 0:
+                break
+            remaining -= copied
+        return
+    except (AttributeError, OSError) as exc:  # no copy_file_range here, or not between these files
+        if isinstance(exc, OSError) and exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+    src.seek(0)
+    dst.seek(0)
+    dst.truncate()
+    shutil.copyfileobj(src, dst, 16 * 1024 * 1024)
 
 
 def copy_folder(source: Path, target: Path, skip: set[str] = frozenset(), link: str = "auto") -> None:
