@@ -35,6 +35,7 @@ def quick_demo(tmp_path_factory):
     return out, json.loads((out / "summary.json").read_text(encoding="utf-8")), result
 
 
+@pytest.mark.slow
 def test_every_stage_leaves_its_artefact(quick_demo):
     out, summary, _ = quick_demo
     for name in ("converted", "healed", "sft"):
@@ -62,6 +63,7 @@ def test_every_stage_leaves_its_artefact(quick_demo):
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")], "staging folders left behind"
 
 
+@pytest.mark.slow
 def test_figures_are_finite_and_the_stages_did_their_job(quick_demo):
     _, summary, result = quick_demo
     stages = summary["stages"]
@@ -82,6 +84,7 @@ def test_figures_are_finite_and_the_stages_did_their_job(quick_demo):
     assert "held-out ppl" in result.stdout and "exact match" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_export_reloads_in_a_fresh_process_and_matches(quick_demo):
     _, summary, _ = quick_demo
     export = summary["stages"]["export"]
