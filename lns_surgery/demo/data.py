@@ -9,7 +9,7 @@ are drawn from it:
   little stories whose last number has to be worked out from the earlier ones;
 - an **instruction task** of Alpaca-style records ``{instruction, input, output}`` whose answers are
   checkable by exact match ("Add 23 and 18." -> "41", "What comes after Tuesday?" -> "Wednesday",
-  "Reverse the letters." / "k p e" -> "e p k", "Where does Mira live?" -> "Dorvel", ...).
+  "Reverse the letters." / "k p e" -> "e p k", "Where does Benra live?" -> "Benrozu", ...).
 
 The corpus states the knowledge the instruction task asks about, but never in instruction format:
 a base model trained on the corpus knows the answers but not the "Instruction: ... Response:"
