@@ -5,7 +5,7 @@ The public API is imported lazily so that ``import lns_surgery`` (and the CLI's 
 
 from __future__ import annotations
 
-import importlib
+from lns_surgery._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -31,11 +31,4 @@ _API = {
 __all__ = sorted(_API)
 
 
-def __getattr__(name):
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'lns_surgery' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_API))
+__getattr__, __dir__ = lazy_exports(__name__, _API, globals())

@@ -44,6 +44,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from lns_surgery.analysis.plots import log_axis
+from lns_surgery.analysis.report import json_safe
+
 ARMS = {
     "stock": "base model trained on as it is (no LNS)",
     "lns-immediate": "converted to LNS, full 1/sqrt(l) from the first step",
@@ -266,24 +269,11 @@ def run_study(settings: dict, out: Path, *, overwrite: bool = False, keep_models
             "wall_seconds": round(time.time() - started, 1),
         }
         results["verdict"] = verdict(results)
-        (staging / "results.json").write_text(json.dumps(_finite(results), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        (staging / "results.json").write_text(json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         write_plot(results, staging / "eval_perplexity.png")
         (staging / "summary.md").write_text(summary_markdown(results), encoding="utf-8")
     return results
 
-
-def _finite(value):
-    """JSON has no inf/nan: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value
-
-
-# --- the verdict, the plot and the summary ------------------------------------------------------
 
 
 def _change(new: float, old: float) -> float:
@@ -323,15 +313,6 @@ def verdict(results: dict) -> dict:
 
 
 
-def _log_axis(axes) -> None:
-    """A log-scale y axis labelled with plain numbers (20, 50, 100) rather than powers of ten."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    axes.set_yscale("log")
-    axes.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    axes.yaxis.set_minor_formatter(NullFormatter())
-
 
 def write_plot(results: dict, path: Path) -> None:
     import matplotlib
@@ -346,7 +327,7 @@ def write_plot(results: dict, path: Path) -> None:
         axes.plot(steps, values, marker="o", markersize=3, label=f"{arm} (final {entry['final_eval_perplexity']:.2f})")
     ramp = results["settings"]["ramp_steps"]
     axes.axvline(ramp, color="grey", linestyle=":", linewidth=1, label=f"ramp reaches full LNS (step {ramp})")
-    _log_axis(axes)
+    log_axis(axes)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("held-out perplexity")
     settings = results["settings"]

@@ -47,6 +47,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from lns_surgery.analysis.plots import log_axis
+from lns_surgery.analysis.report import json_safe
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("LNS_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
@@ -334,7 +337,7 @@ def run(preset: dict, seed: int, out: Path, *, overwrite: bool = False, keep_mod
             "wall_seconds": round(time.time() - started, 1),
         }
         results["comparison"] = comparison(results)
-        (staging / "results.json").write_text(json.dumps(_finite(results), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        (staging / "results.json").write_text(json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         write_plots(results, staging)
         (staging / "summary.md").write_text(summary_markdown(results), encoding="utf-8")
     return results
@@ -349,18 +352,6 @@ def depth_entry(entry: dict) -> dict:
         "removal_loss_increase": [layer["removal_loss_increase"] for layer in entry["layers"]],
     }
 
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
-# --- comparison, plots, summary ------------------------------------------------------------------
 
 
 def _mean(values) -> float:
@@ -400,15 +391,6 @@ def comparison(results: dict) -> dict:
 
 
 
-def _log_axis(axes) -> None:
-    """A log-scale y axis labelled with plain numbers (20, 50, 100) rather than powers of ten."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    axes.set_yscale("log")
-    axes.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    axes.yaxis.set_minor_formatter(NullFormatter())
-
 
 def write_plots(results: dict, folder: Path) -> None:
     import matplotlib
@@ -422,7 +404,7 @@ def write_plots(results: dict, folder: Path) -> None:
         steps = [p["step"] for p in entry["eval_curve"]]
         axes.plot(steps, [p["eval_perplexity"] for p in entry["eval_curve"]], marker="o", markersize=3,
                   label=f"{arm} (final {entry['final_eval_perplexity']:.2f})")
-    _log_axis(axes)
+    log_axis(axes)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("held-out perplexity")
     axes.set_title(f"From scratch, preset {results['preset']}: {results['tokens_per_arm']:,} tokens per arm, seed {results['seed']}",
@@ -442,7 +424,7 @@ def write_plots(results: dict, folder: Path) -> None:
         for index in range(count):
             axes.plot(steps, [point["output_variance"][index] for point in history], color=colormap(index / max(1, count - 1)),
                       linewidth=1.2, label=f"block {index + 1}" if index in (0, count // 2, count - 1) else None)
-        _log_axis(axes)
+        log_axis(axes)
         axes.set_title(f"{arm}: output variance after each block", fontsize=10)
         axes.set_xlabel("optimizer step")
         axes.grid(alpha=0.3, which="both")

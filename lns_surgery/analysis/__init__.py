@@ -16,7 +16,7 @@ The report.json schema is documented in ``lns_surgery.analysis.report``.
 
 from __future__ import annotations
 
-import importlib
+from lns_surgery._lazy import lazy_exports
 
 _API = {
     "analyze": "lns_surgery.analysis.run",
@@ -34,11 +34,4 @@ _API = {
 __all__ = sorted(_API)
 
 
-def __getattr__(name):
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'lns_surgery.analysis' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_API))
+__getattr__, __dir__ = lazy_exports(__name__, _API, globals())

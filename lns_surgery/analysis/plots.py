@@ -20,6 +20,16 @@ def _pyplot():
     return plt
 
 
+def log_axis(axes) -> None:
+    """A log-scale y axis labelled with plain numbers (20, 50, 100) rather than powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axes.set_yscale("log")
+    axes.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _overlay(report: dict, key: str, ylabel: str, title: str, path: Path, log: bool = False) -> None:
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.2))

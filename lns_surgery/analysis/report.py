@@ -60,14 +60,14 @@ from pathlib import Path
 SCHEMA_VERSION = 1
 
 
-def _finite(value):
+def json_safe(value):
     """JSON has no inf/nan: write them as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
@@ -93,7 +93,7 @@ def _tool_version() -> str:
 def build_report(entries: list[dict], settings: dict) -> dict:
     names = [entry["name"] for entry in entries]
     entries = [{**entry, "angular_distance_plot": f"angular-{slug}.png"} for entry, slug in zip(entries, slugs(names))]
-    return _finite({
+    return json_safe({
         "schema_version": SCHEMA_VERSION,
         "tool_version": _tool_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lns_surgery.analysis.report import json_safe
 from lns_surgery.errors import LNSError
 
 DEFAULT_OUT = "demo-out"
@@ -110,16 +110,6 @@ class DemoResult:
 
 # --------------------------------------------------------------------------- helpers
 
-
-def _finite_or_none(value):
-    """JSON has no inf/nan: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
 
 
 def _write_jsonl(path: Path, records) -> None:
@@ -558,7 +548,7 @@ def run_demo(
         _stage_export(run, tuned)
 
         wall = round(time.monotonic() - begun, 1)
-        summary = _finite_or_none({
+        summary = json_safe({
             "schema_version": 1,
             "tool_version": lns_surgery.__version__,
             "base_model": str(base),

@@ -5,7 +5,7 @@ The API is imported lazily, like the package's own, so that the CLI's ``--help``
 
 from __future__ import annotations
 
-import importlib
+from lns_surgery._lazy import lazy_exports
 
 _API = {
     "push": "lns_surgery.publish.upload",
@@ -21,11 +21,4 @@ _API = {
 __all__ = sorted(_API)
 
 
-def __getattr__(name):
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'lns_surgery.publish' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_API))
+__getattr__, __dir__ = lazy_exports(__name__, _API, globals())

@@ -10,7 +10,7 @@ The API is imported lazily, so importing this package does not import torch, tra
 
 from __future__ import annotations
 
-import importlib
+from lns_surgery._lazy import lazy_exports
 
 _API = {
     "train": "lns_surgery.training.run",
@@ -29,11 +29,4 @@ _API = {
 __all__ = sorted(_API)
 
 
-def __getattr__(name):
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'lns_surgery.training' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_API))
+__getattr__, __dir__ = lazy_exports(__name__, _API, globals())
