@@ -51,35 +51,40 @@ def _run(command: str, recipe, resume: bool, overwrite: bool, extra: list[str], 
 _RECIPE_HELP = "YAML recipe; any recipe key can also be given as --key value and overrides the file."
 
 
-@click.command("pretrain", context_settings=_PASS_THROUGH)
-@click.option("--recipe", type=click.Path(dir_okay=False), default=None, help=_RECIPE_HELP)
-@click.option("--resume", is_flag=True, help="Continue the interrupted run of this output_dir from its last checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace output_dir and any leftover checkpoints.")
-@click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None,
-              help="At the end, validate and publish output_dir as Hub repository REPO.")
-@click.pass_context
-def pretrain_command(ctx, recipe, resume, overwrite, push_to_hub):
+def _training_command(name: str):
+    """The click command shared by ``pretrain`` and ``sft``: a recipe plus pass-through --key value flags."""
+
+    def decorate(function):
+        @click.command(name, context_settings=_PASS_THROUGH, help=function.__doc__)
+        @click.option("--recipe", type=click.Path(dir_okay=False), default=None, help=_RECIPE_HELP)
+        @click.option("--resume", is_flag=True, help="Continue the interrupted run of this output_dir from its last checkpoint.")
+        @click.option("--overwrite", is_flag=True, help="Replace output_dir and any leftover checkpoints.")
+        @click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None,
+                      help="At the end, validate and publish output_dir as Hub repository REPO.")
+        @click.pass_context
+        def command(ctx, recipe, resume, overwrite, push_to_hub):
+            _run(name, recipe, resume, overwrite, ctx.args, push_to_hub)
+
+        return command
+
+    return decorate
+
+
+@_training_command("pretrain")
+def pretrain_command():
     """Continued pre-training (healing) of a converted model, or pre-training from scratch.
 
     Packs plain text, trains all weights by default; `lns_ramp_steps: N` starts from the original
     function and reaches full LayerNorm Scaling after N steps.
     """
-    _run("pretrain", recipe, resume, overwrite, ctx.args, push_to_hub)
 
 
-@click.command("sft", context_settings=_PASS_THROUGH)
-@click.option("--recipe", type=click.Path(dir_okay=False), default=None, help=_RECIPE_HELP)
-@click.option("--resume", is_flag=True, help="Continue the interrupted run of this output_dir from its last checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace output_dir and any leftover checkpoints.")
-@click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None,
-              help="At the end, validate and publish output_dir as Hub repository REPO.")
-@click.pass_context
-def sft_command(ctx, recipe, resume, overwrite, push_to_hub):
+@_training_command("sft")
+def sft_command():
     """Supervised fine-tuning (LoRA by default, or full) on alpaca, chat or prompt/completion data.
 
     Writes the adapter and a merged standalone LNS checkpoint; see recipes/README.md.
     """
-    _run("sft", recipe, resume, overwrite, ctx.args, push_to_hub)
 
 
 @click.command("init", context_settings={"help_option_names": ["-h", "--help"]})
