@@ -136,7 +136,15 @@ def _fake_lm_eval(monkeypatch, windows):
         def __init__(self, pretrained, tokenizer, batch_size):
             self.model = pretrained
 
-    def simple_evaluate(model, tasks, limit=None):
+    class TaskManager:  # every name is a task with some documents
+        def __init__(self, include_path=None):
+            self.all_tasks = []
+
+        def load(self, specs):
+            return {"tasks": {spec: types.SimpleNamespace(eval_docs=[{}] * 7) for spec in specs}, "groups": {}}
+
+    def simple_evaluate(model, tasks, limit=None, task_manager=None):
+        assert isinstance(task_manager, TaskManager)
         calls.append((tasks, limit))
         nll, count = evaluate_nll(model.model, windows)
         return {"results": {task: {"alias": task, "loss,none": nll / count, "loss_stderr,none": 0.0} for task in tasks}}
@@ -146,7 +154,10 @@ def _fake_lm_eval(monkeypatch, windows):
     models = types.ModuleType("lm_eval.models")
     huggingface = types.ModuleType("lm_eval.models.huggingface")
     huggingface.HFLM = HFLM
-    for name, module in {"lm_eval": package, "lm_eval.models": models, "lm_eval.models.huggingface": huggingface}.items():
+    task_module = types.ModuleType("lm_eval.tasks")
+    task_module.TaskManager = TaskManager
+    for name, module in {"lm_eval": package, "lm_eval.models": models, "lm_eval.models.huggingface": huggingface,
+                         "lm_eval.tasks": task_module}.items():
         monkeypatch.setitem(sys.modules, name, module)
     return calls
 

@@ -18,7 +18,10 @@ import click
 @click.option("--last-token", is_flag=True,
               help="Average the angular distance over the last token of each window (the paper's code) instead of all tokens.")
 @click.option("--tasks", default=None,
-              help="Comma-separated lm-eval tasks (e.g. arc_easy) for the removal sweep; needs lns-surgery[eval].")
+              help="Comma-separated lm-eval tasks for the removal sweep: names (arc_easy, a group, a pattern arc_*), "
+                   "task YAML files, or names of tasks in --tasks-include folders; needs lns-surgery[eval].")
+@click.option("--tasks-include", "tasks_include", multiple=True, type=click.Path(),
+              help="A folder of lm-eval task YAML files whose tasks --tasks can name (lm-eval's include_path); repeatable.")
 @click.option("--tasks-limit", type=click.IntRange(min=1), default=None, help="Examples per lm-eval task (default: all).")
 @click.option("--text-field", default="text", show_default=True, help="Field of a .jsonl/.json record or dataset row that holds the text.")
 @click.option("--split", default="validation", show_default=True, help="Split of a Hub dataset.")
@@ -28,7 +31,7 @@ import click
               help="auto: float32 on CPU, the checkpoint's dtype on an accelerator.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow running a checkpoint's own modeling code.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def analyze_command(models, data, out, max_tokens, seq_len, batch_size, last_token, tasks, tasks_limit, text_field,
+def analyze_command(models, data, out, max_tokens, seq_len, batch_size, last_token, tasks, tasks_include, tasks_limit, text_field,
                     split, tokenizer, device, dtype, trust_remote_code, overwrite):
     """Measure how much each block of MODELS (folders, Hub ids or builtin: names) contributes.
 
@@ -41,7 +44,8 @@ def analyze_command(models, data, out, max_tokens, seq_len, batch_size, last_tok
 
     hf_logging.set_verbosity_error()
     report = analyze(list(models), data, out, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
-                     last_token=last_token, tasks=tasks, tasks_limit=tasks_limit, overwrite=overwrite,
+                     last_token=last_token, tasks=tasks, tasks_limit=tasks_limit, tasks_include=list(tasks_include),
+                     overwrite=overwrite,
                      tokenizer=tokenizer, text_field=text_field, split=split, device=device, dtype=dtype,
                      trust_remote_code=trust_remote_code)
     for model in report["models"]:

@@ -7,7 +7,8 @@
       "tool_version": "0.1.0",
       "created": "2026-01-01T12:00:00+00:00",      # UTC
       "settings": {"source", "max_tokens", "seq_len", "batch_size", "last_token", "text_field", "split",
-                   "tasks", "tasks_limit"},          # as given (seq_len null = each model's default)
+                   "tasks", "tasks_include", "tasks_limit"},  # as given (seq_len null = each model's default;
+                                                     # tasks_include: the task folders, absolute)
       "plots": {"variance": "variance.png", "removal": "removal.png"},   # models overlaid
       "models": [                                    # one entry per model, in the order given
         {
@@ -25,7 +26,9 @@
                                                      # arccos(cos)/pi between the inputs of blocks l and
                                                      # l+n (0-based; "input of block L" = last block's output)
           "angular_distance_plot": "angular-<name>.png",  # its heatmap
-          "tasks": {task: {metric: float}} | null,   # lm-eval on the whole model (with --tasks)
+          "tasks": {task: {metric: float}} | null,   # lm-eval on the whole model (with --tasks), keyed by
+                                                     # each task's own name (a YAML file's `task:`); groups
+                                                     # appear when lm-eval aggregates them
           "layers": [                                # one per block
             {
               "index": int,                          # 0-based, as in model.layers.<index>

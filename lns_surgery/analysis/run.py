@@ -79,6 +79,7 @@ def analyze_model(
     removal: bool = True,
     tasks=None,
     tasks_limit: int | None = None,
+    tasks_include=None,
     tokenizer=None,
     text_field: str = "text",
     split: str = "validation",
@@ -89,18 +90,17 @@ def analyze_model(
     ``windows_or_tokenizer`` is either a ``[N, T]`` LongTensor of token ids, or a tokenizer, in which
     case ``data`` (a file, Hub dataset or list of strings) is tokenised into windows of ``seq_len``
     (at most ``max_tokens`` tokens). Nothing is written to disk; the model is left as it was.
-    ``tasks`` (lm-eval names) also need a tokenizer.
+    ``tasks`` (lm-eval names, task YAML files, or names from the task folders ``tasks_include``)
+    also need a tokenizer; they are all resolved before the model runs.
     """
     import torch
 
     from lns_surgery.analysis.measures import depth_measures, unwrap
-    from lns_surgery.analysis.tasks import parse_tasks, removal_task_sweep, require_lm_eval
+    from lns_surgery.analysis.tasks import removal_task_sweep, resolve_tasks
 
     base = unwrap(model)
     name = name or getattr(base.config, "name_or_path", None) or type(base).__name__
-    task_names = parse_tasks(tasks)
-    if task_names:
-        require_lm_eval()
+    task_plan = resolve_tasks(tasks, tasks_include)
     if isinstance(windows_or_tokenizer, torch.Tensor):
         windows = windows_or_tokenizer.long()
         if windows.dim() != 2 or windows.shape[1] < 2:
@@ -114,7 +114,7 @@ def analyze_model(
         seq_len = resolve_seq_len(seq_len, base.config, name)
         windows = token_windows(tokenizer, data, seq_len, max_tokens, text_field=text_field, split=split)
         data_name = describe_source(data)
-    if task_names and tokenizer is None:
+    if task_plan is not None and tokenizer is None:
         raise LNSError("lm-eval tasks need the model's tokenizer")
     check_vocabulary(windows, base, name)
 
@@ -124,8 +124,8 @@ def analyze_model(
     count = measured["num_layers"]
     scales = layer_scales(model, count)
     whole_tasks, block_tasks = None, [None] * count
-    if task_names:
-        whole_tasks, block_tasks = removal_task_sweep(model, tokenizer, task_names, batch_size=batch_size,
+    if task_plan is not None:
+        whole_tasks, block_tasks = removal_task_sweep(model, tokenizer, task_plan, batch_size=batch_size,
                                                       limit=tasks_limit, progress=progress, description=f"{name} tasks")
     layers = []
     for index in range(count):
@@ -142,7 +142,7 @@ def analyze_model(
             "removal_perplexity": measured["removal_perplexity"][index],
             "removal_loss_increase": None if removal_loss is None else removal_loss - measured["loss"],
         }
-        if task_names:
+        if task_plan is not None:
             entry["removal_tasks"] = block_tasks[index]
         layers.append(entry)
     return {
@@ -240,6 +240,7 @@ def analyze(
     last_token: bool = False,
     tasks=None,
     tasks_limit: int | None = None,
+    tasks_include=None,
     overwrite: bool = False,
     tokenizer=None,
     text_field: str = "text",
@@ -255,13 +256,15 @@ def analyze(
 
     Every input is checked before the first model is loaded, and ``out`` appears only once everything
     is written (``overwrite`` replaces an existing folder). ``tokenizer`` (a tokenizer or a path) is
-    used for every model; by default each model's own is loaded from its folder.
+    used for every model; by default each model's own is loaded from its folder. ``tasks`` (lm-eval
+    task names, task YAML files, or names of tasks in the folders ``tasks_include``) are resolved and
+    their documents loaded before any model is, too.
     """
     import torch
 
     from lns_surgery import load_model, load_tokenizer
     from lns_surgery.analysis.measures import unwrap
-    from lns_surgery.analysis.tasks import parse_tasks, require_lm_eval
+    from lns_surgery.analysis.tasks import parse_tasks, resolve_tasks
     from lns_surgery.conversion.checkpoint import atomic_output_dir, check_output
 
     if isinstance(models, (str, Path)) or hasattr(models, "config"):
@@ -277,9 +280,7 @@ def analyze(
         data = list(data)  # every model reads the same documents
     if batch_size < 1:
         raise LNSError("--batch-size must be at least 1")
-    task_names = parse_tasks(tasks)
-    if task_names:
-        require_lm_eval()
+    task_plan = resolve_tasks(tasks, tasks_include)
     device = _pick_device(device)
     load_dtype = _load_dtype(dtype, device)
 
@@ -318,7 +319,7 @@ def analyze(
             model = plan["item"]
         entry = analyze_model(
             model, plan["windows"], name=plan["label"], batch_size=batch_size, last_token=last_token,
-            tasks=task_names, tasks_limit=tasks_limit, tokenizer=plan["tokenizer"], progress=progress,
+            tasks=task_plan, tasks_limit=tasks_limit, tokenizer=plan["tokenizer"], progress=progress,
         )
         entry["data"] = describe_source(data)
         entries.append(entry)
@@ -329,8 +330,8 @@ def analyze(
                 torch.cuda.empty_cache()
 
     settings = {"source": describe_source(data), "max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size,
-                "last_token": last_token, "text_field": text_field, "split": split, "tasks": task_names or None,
-                "tasks_limit": tasks_limit}
+                "last_token": last_token, "text_field": text_field, "split": split, "tasks": parse_tasks(tasks) or None,
+                "tasks_include": (task_plan.include or None) if task_plan else None, "tasks_limit": tasks_limit}
     report = report_module.build_report(entries, settings)
     with atomic_output_dir(out, overwrite) as staging:
         report_module.write_outputs(report, staging)

@@ -2,11 +2,27 @@
 
 Each task runs on the model as it is and once per block with that block bypassed (the same bypass
 as the perplexity sweep), with lm-eval's ``HFLM`` wrapped around the model already in memory.
+
+Tasks are given as lm-eval names (``arc_easy``, a group such as ``mmlu``, a tag, a glob pattern
+such as ``arc_*``), as task YAML files, or by name from task folders passed as ``include`` (lm-eval's
+``TaskManager(include_path=...)``, the ``--tasks-include`` of ``lns-surgery analyze``). They are all
+resolved, built and their documents loaded once, before any model is evaluated
+(``resolve_tasks``), so that a misspelt name or a broken YAML file fails in one line and nothing is
+run. Results are keyed by the task's own name (``task:`` in its YAML), whatever form it was given
+in, and a task for which lm-eval returns no metric is an error, never an empty entry.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
 from lns_surgery.errors import LNSError
+
+YAML_SUFFIXES = (".yaml", ".yml")
 
 
 def require_lm_eval() -> None:
@@ -19,50 +35,243 @@ def require_lm_eval() -> None:
 
 
 def parse_tasks(tasks) -> list[str]:
+    """Task specifications from a comma-separated string or a list, stripped and de-duplicated."""
     if tasks is None:
         return []
-    if isinstance(tasks, str):
-        tasks = tasks.split(",")
-    names = [name.strip() for name in tasks if name and name.strip()]
+    if isinstance(tasks, TaskPlan):
+        return list(tasks.specs)
+    if isinstance(tasks, (str, Path)):
+        tasks = str(tasks).split(",")
+    names = [str(name).strip() for name in tasks if name and str(name).strip()]
     return list(dict.fromkeys(names))
 
 
+def parse_includes(include) -> list[str]:
+    """Task folders (``--tasks-include``) as a list of paths; each must be an existing folder."""
+    if include is None:
+        return []
+    if isinstance(include, (str, Path)):
+        include = [include]
+    folders = []
+    for item in include:
+        if item is None or not str(item).strip():
+            continue
+        path = Path(str(item).strip()).expanduser()
+        if not path.exists():
+            raise LNSError(f"--tasks-include: no such folder: '{item}'")
+        if not path.is_dir():
+            raise LNSError(f"--tasks-include takes a folder of lm-eval task YAML files; give the file '{item}' to --tasks instead")
+        folders.append(str(path.resolve()))
+    return list(dict.fromkeys(folders))
+
+
+@dataclass
+class TaskPlan:
+    """Tasks resolved by lm-eval, ready to run: what to hand ``simple_evaluate`` and the names its
+    results come back under."""
+
+    specs: list[str]                  # as given (YAML files made absolute, patterns expanded)
+    tasks: list[str]                  # leaf task names: each must come back with metrics
+    groups: list[str] = field(default_factory=list)  # group names: reported when lm-eval aggregates them
+    include: list[str] = field(default_factory=list)
+    manager: object = field(default=None, repr=False)  # lm_eval.tasks.TaskManager
+
+    @property
+    def names(self) -> list[str]:
+        return self.groups + self.tasks
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.lower().endswith(YAML_SUFFIXES) or "/" in spec or "\\" in spec or Path(spec).expanduser().exists()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _unknown_name(spec: str, manager, include: list[str]) -> LNSError:
+    known = list(getattr(manager, "all_tasks", []) or [])
+    close = difflib.get_close_matches(spec, known, n=3)
+    where = "lm-eval's own tasks" + (f" or in --tasks-include {', '.join(include)}" if include else "")
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    if not include and not close:
+        hint = "; a task of your own needs its YAML file in --tasks, or its folder in --tasks-include"
+    return LNSError(f"unknown lm-eval task '{spec}': not among {where}{hint}")
+
+
+def _is_pattern(spec: str) -> bool:
+    return any(char in spec for char in "*?[")
+
+
+def _check_paths(specs: list[str]) -> list[str]:
+    """YAML files checked and made absolute; a folder is refused with the fix. Needs no lm-eval index."""
+    checked = []
+    for spec in specs:
+        if not _is_pattern(spec) and _looks_like_path(spec):
+            path = Path(spec).expanduser()
+            if path.is_dir():
+                raise LNSError(f"'{spec}' is a folder: pass it with --tasks-include and name its tasks in --tasks")
+            if not path.is_file():
+                raise LNSError(f"no such lm-eval task file: '{spec}'")
+            spec = str(path.resolve())
+        checked.append(spec)
+    return checked
+
+
+def _expand_patterns(specs: list[str], manager) -> list[str]:
+    expanded = []
+    for spec in specs:
+        if _is_pattern(spec) and not Path(spec).is_file():
+            matches = manager.match_tasks([spec])
+            if not matches:
+                raise LNSError(f"no lm-eval task matches '{spec}'")
+            expanded += matches
+        else:
+            expanded.append(spec)
+    return list(dict.fromkeys(expanded))
+
+
+def _quiet_lm_eval():
+    """lm-eval warns once per metric without an explicit aggregation; keep only its errors."""
+    logger = logging.getLogger("lm_eval")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    return logger, previous
+
+
+_MANAGERS: dict = {}
+
+
+def _folder_signature(folders: list[str]) -> tuple:
+    """What an include folder's index depends on: its YAML files, their sizes and times."""
+    files = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.suffix.lower() in YAML_SUFFIXES and path.is_file():
+                stat = path.stat()
+                files.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return tuple(folders), tuple(files)
+
+
+def task_manager(folders: list[str]):
+    """lm-eval's ``TaskManager`` over its own tasks plus ``folders``. Indexing its ~15,000 task files
+    takes seconds, so one is kept per process for each state of the folders."""
+    from lm_eval.tasks import TaskManager
+
+    key = _folder_signature(folders)
+    if key not in _MANAGERS:
+        while len(_MANAGERS) >= 4:  # the oldest goes
+            del _MANAGERS[next(iter(_MANAGERS))]
+        _MANAGERS[key] = TaskManager(include_path=folders or None)
+    return _MANAGERS[key]
+
+
+def resolve_tasks(tasks, include=None) -> TaskPlan | None:
+    """Resolve, build and load every task (names, YAML files, or names from ``include`` folders)
+    before any model runs; ``None`` when there are none. One-line ``LNSError`` on any problem."""
+    if isinstance(tasks, TaskPlan):
+        return tasks
+    specs = parse_tasks(tasks)
+    folders = parse_includes(include)
+    if not specs:
+        if folders:
+            raise LNSError("--tasks-include needs --tasks: name the tasks to run from it")
+        return None
+    specs = _check_paths(specs)
+    require_lm_eval()
+
+    logger, previous = _quiet_lm_eval()
+    try:
+        manager = task_manager(folders)
+        for folder in folders:
+            index = getattr(manager, "task_index", None) or {}
+            if index and not any(str(entry.yaml_path or "").startswith(folder.rstrip(os.sep) + os.sep)
+                                 for entry in index.values()):
+                raise LNSError(f"--tasks-include '{folder}' defines no lm-eval task (no readable YAML file with a 'task:' or 'group:')")
+        specs = _expand_patterns(specs, manager)
+        built = {"tasks": {}, "groups": {}}
+        for spec in specs:  # one at a time, so that the error names the culprit
+            try:
+                loaded = manager.load([spec])
+            except KeyError as exc:
+                if spec in set(getattr(manager, "all_tasks", None) or ()) or Path(spec).is_file():
+                    raise LNSError(f"lm-eval could not build task '{spec}': {_first_line(exc)}") from None
+                raise _unknown_name(spec, manager, folders) from None
+            except Exception as exc:  # a broken YAML file, a dataset that cannot be loaded, ...
+                raise LNSError(f"lm-eval could not build task '{spec}': {type(exc).__name__}: {_first_line(exc)}") from None
+            for name, task in loaded["tasks"].items():
+                if name in built["tasks"]:
+                    raise LNSError(f"lm-eval task '{name}' is asked for twice (directly, or through a group or tag)")
+                built["tasks"][name] = task
+            built["groups"].update(loaded.get("groups") or {})
+        for name, task in built["tasks"].items():
+            try:
+                count = len(task.eval_docs)
+            except Exception as exc:
+                raise LNSError(f"lm-eval task '{name}' has no documents to evaluate: {_first_line(exc)}") from None
+            if count == 0:
+                raise LNSError(f"lm-eval task '{name}' has no documents to evaluate")
+    finally:
+        logger.setLevel(previous)
+    return TaskPlan(specs=specs, tasks=list(built["tasks"]), groups=list(built["groups"]), include=folders, manager=manager)
+
+
 def _numbers(metrics: dict) -> dict:
-    """lm-eval's metrics for one task (``"acc,none": 0.61``), numbers only, filter suffix dropped."""
+    """lm-eval's metrics for one task (``"acc,none": 0.61``), numbers only, filter suffix dropped.
+
+    Keys without a filter (``sample_len``, ``alias``) are bookkeeping, not metrics."""
     kept = {}
     for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            name, _, filter_name = key.partition(",")
-            kept[name if filter_name in ("", "none") else key] = float(value)
+        if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        name, _, filter_name = key.partition(",")
+        kept[name if filter_name in ("", "none") else key] = float(value)
     return kept
 
 
-def evaluate_tasks(model, tokenizer, tasks: list[str], *, batch_size: int = 8, limit: int | None = None) -> dict:
-    """``{task: {metric: value}}`` from lm-eval for ``model`` as it is now."""
-    require_lm_eval()
+def evaluate_tasks(model, tokenizer, tasks, *, batch_size: int = 8, limit: int | None = None, include=None) -> dict:
+    """``{task: {metric: value}}`` from lm-eval for ``model`` as it is now; ``tasks`` is a
+    ``TaskPlan`` (from ``resolve_tasks``) or what ``resolve_tasks`` takes."""
+    plan = resolve_tasks(tasks, include)
+    if plan is None:
+        return {}
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    logger, previous = _quiet_lm_eval()
     try:
-        output = lm_eval.simple_evaluate(model=harness_model, tasks=tasks, limit=limit)
-    except (KeyError, ValueError) as exc:  # unknown task names and the like
-        raise LNSError(f"lm-eval could not run {', '.join(tasks)}: {exc}") from None
-    results = (output or {}).get("results", {})
-    return {task: _numbers(results.get(task, {})) for task in tasks}
+        harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        output = lm_eval.simple_evaluate(model=harness_model, tasks=list(plan.specs), limit=limit,
+                                         task_manager=plan.manager)
+    except (KeyError, ValueError) as exc:
+        raise LNSError(f"lm-eval could not run {', '.join(plan.specs)}: {_first_line(exc)}") from None
+    finally:
+        logger.setLevel(previous)
+    results = (output or {}).get("results") or {}
+    found = {}
+    for name in plan.names:
+        numbers = _numbers(results.get(name) or {})
+        if numbers:
+            found[name] = numbers
+        elif name in plan.tasks:
+            raise LNSError(f"lm-eval returned no metrics for task '{name}' (it has no metric_list, or every metric failed)")
+    return found
 
 
-def removal_task_sweep(model, tokenizer, tasks: list[str], *, batch_size: int = 8, limit: int | None = None,
-                       progress: bool = False, description: str | None = None) -> tuple[dict, list[dict]]:
+def removal_task_sweep(model, tokenizer, tasks, *, batch_size: int = 8, limit: int | None = None,
+                       progress: bool = False, description: str | None = None, include=None) -> tuple[dict, list[dict]]:
     """The tasks' metrics for the whole model and for the model with each block bypassed."""
     from tqdm.auto import tqdm
 
     from lns_surgery.analysis.measures import block_layout, skip_blocks
 
+    plan = resolve_tasks(tasks, include)
     count = len(block_layout(model).blocks)
-    whole = evaluate_tasks(model, tokenizer, tasks, batch_size=batch_size, limit=limit)
+    whole = evaluate_tasks(model, tokenizer, plan, batch_size=batch_size, limit=limit)
     per_block = []
     for index in tqdm(range(count), desc=description, unit="block", disable=not progress, leave=False):
         with skip_blocks(model, [index]):
-            per_block.append(evaluate_tasks(model, tokenizer, tasks, batch_size=batch_size, limit=limit))
+            per_block.append(evaluate_tasks(model, tokenizer, plan, batch_size=batch_size, limit=limit))
     return whole, per_block
