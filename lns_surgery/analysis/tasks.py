@@ -160,7 +160,9 @@ def task_manager(folders: list[str]):
     takes seconds, so one is kept per process for each state of the folders."""
     from lm_eval.tasks import TaskManager
 
-    key = _folder_signature(folders)
+    # The class is part of the key: a manager built by one lm-eval (or a stand-in for it) is never
+    # handed to another.
+    key = (TaskManager, _folder_signature(folders))
     if key not in _MANAGERS:
         while len(_MANAGERS) >= 4:  # the oldest goes
             del _MANAGERS[next(iter(_MANAGERS))]
