@@ -44,14 +44,14 @@ def test_stories260k_converts_and_loads_in_a_fresh_process(stories_path, tmp_pat
     assert config["model_type"] == "lns_llama"
     assert config["architectures"] == ["LNSLlamaForCausalLM"]
     lns = config["lns"]
-    assert lns["rule"] == "1/sqrt(l)" and lns["alpha"] == 1.0 and lns["schema_version"] == 1
+    assert lns["rule"] == "1/sqrt(l)" and lns["alpha"] == 1.0 and lns["schema_version"] == 2 and lns["fold_rule"] == "scale"
     assert lns["layers"] == "model.layers" and lns["norms"] == ["input_layernorm", "post_attention_layernorm"]
     assert lns["source"]["model"] == str(stories_path) and lns["tool_version"]
     assert set(config["auto_map"]) >= {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
     for code_file in ("lns_layers.py", "configuration_lns.py", "modeling_lns.py"):
         source = (out / code_file).read_text()
         imports = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
-        assert imports <= {"torch", "transformers", "__future__", "json", "math", "os", "shutil", ""}, (code_file, imports)
+        assert imports <= {"torch", "transformers", "__future__", "copy", "json", "math", "os", "shutil", ""}, (code_file, imports)
 
     ids = torch.tensor([[1, 403, 407, 261, 378, 2]])
     torch.save(ids, tmp_path / "ids.pt")

@@ -89,9 +89,11 @@ def test_checkpoint_modes_match_reference(model_type, tmp_path):
     if getattr(stock.config, "tie_word_embeddings", False):
         assert loaded.get_output_embeddings().weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
 
-    if config["lns"]["norm_kind"] == "layernorm_no_affine":
-        with pytest.raises(lns_surgery.LNSError, match="no parameters"):
+    if config["lns"]["fold_rule"] is None:  # OLMo's norm has no parameters to carry the scale
+        with pytest.raises(lns_surgery.LNSError, match="cannot be folded exactly into the weights of OlmoLayerNorm"):
             lns_surgery.convert(tmp_path / "stock", tmp_path / "folded", mode="fold")
+        with pytest.raises(lns_surgery.LNSError, match="cannot be folded exactly"):
+            lns_surgery.fold(tmp_path / "lns", tmp_path / "folded")
         assert not (tmp_path / "folded").exists()
         return
     # Fold mode: stock classes, same function within rounding; from the stock or from the LNS checkpoint.

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tiny_models import NUM_LAYERS, tiny_config, tiny_model
 
+from lns_surgery.conversion.convert import norm_tensors
 from lns_surgery.conversion.detect import detect_architecture, norm_kind
 from lns_surgery.conversion.registry import load_registry, lookup, parse_registry, supported_architectures
 from lns_surgery.errors import LNSError
@@ -37,9 +38,9 @@ def test_entry_matches_the_real_module_tree(arch):
     for block in blocks:
         for name in arch.norms:
             assert norm_kind(block.get_submodule(name)) == arch.norm_kind
-    # Every tensor the fold rewrites exists in the state dict.
-    state = model.state_dict()
-    assert all(name in state for name in arch.norm_parameter_names(NUM_LAYERS))
+    # Every parameter of the scaled norms is found under its state-dict name, which fold mode rewrites.
+    per_block = norm_tensors(model, arch.lns_block(), dict.fromkeys(model.state_dict()))
+    assert len(per_block) == NUM_LAYERS and all(per_block) == (arch.norm_kind != "output")
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda arch: arch.model_type)

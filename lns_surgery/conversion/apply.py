@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from torch import nn
@@ -13,8 +14,9 @@ logger = logging.getLogger(__name__)
 
 
 def architecture_for_model(model: nn.Module, layers: str | None = None, norms: list[str] | None = None) -> Architecture:
-    """The registry entry for the model's ``model_type``, or what inspection finds (``layers``/``norms`` override)."""
-    from lns_surgery.conversion.detect import detect_architecture
+    """The registry entry for the model's ``model_type``, or what inspection finds (``layers``/``norms`` override),
+    with the norm form and fold rule proven on the model's own norm classes."""
+    from lns_surgery.conversion.detect import detect_architecture, prove_norms
 
     lns = getattr(model.config, "lns", None)
     if lns and layers is None and norms is None:  # an LNS model describes itself
@@ -22,12 +24,12 @@ def architecture_for_model(model: nn.Module, layers: str | None = None, norms: l
                             dict(lns["base_classes"]))
     arch = lookup(model.config.model_type)
     if arch is not None and layers is None and norms is None:
-        return arch
+        return prove_norms(arch, model)
     if arch is not None:
         layers = layers or arch.layers
     detected = detect_architecture(model, layers=layers, norms=norms)
     if arch is not None:  # a registry family with user-chosen norms keeps the registry's classes
-        return Architecture(arch.model_type, detected.layers, detected.norms, detected.norm_kind, arch.classes, detected=True)
+        return dataclasses.replace(detected, model_type=arch.model_type, classes=arch.classes)
     return detected
 
 

@@ -87,6 +87,7 @@ def inspect_command(model, as_json, trust_remote_code, layers, norms, revision):
     click.echo(f"status:       {status}")
     click.echo(f"layers:       {report['layers']} ({report['num_layers']} blocks)")
     click.echo(f"scaled norms: {', '.join(report['norms'])} ({report['norm_kind']})")
+    click.echo(f"foldable:     {'yes (' + report['fold_rule'] + ')' if report['fold_rule'] else 'no: code mode only'}")
     if report.get("note"):
         click.echo(f"note:         {report['note']}")
     click.echo("block  scale")

@@ -36,6 +36,18 @@ def _load_config_object(folder: Path, config_dict: dict, trust_remote_code: bool
         raise LNSError(f"could not read the model config in '{folder}': {checkpoint._first_line(exc)}") from None
 
 
+def build_on_meta(config, trust_remote_code: bool = False):
+    """The stock model for ``config`` on the meta device: its module tree, no weights, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # any failure of a model's own constructor
+        raise LNSError(f"could not build '{config.model_type}' to inspect it: {checkpoint._first_line(exc)}") from None
+
+
 def architecture_for_checkpoint(
     folder: Path,
     config_dict: dict,
@@ -43,25 +55,19 @@ def architecture_for_checkpoint(
     layers: str | None = None,
     norms: list[str] | None = None,
 ):
-    """(Architecture, transformers config) for a stock checkpoint: the registry's entry when there is
-    one, otherwise what inspection of the model built on the meta device finds."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """(Architecture, transformers config, stock model on the meta device) for a stock checkpoint.
 
-    config = _load_config_object(folder, config_dict, trust_remote_code)
-    arch = lookup(config_dict["model_type"])
-    if arch is not None and layers is None and norms is None:
-        return arch, config
+    The layout is the registry's entry when there is one, otherwise what inspection finds; either way
+    the norm form and the fold rule are proven on the model's own norm classes.
+    """
     from lns_surgery.conversion.apply import architecture_for_model
 
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # any failure of a model's own constructor
-        raise LNSError(f"could not build '{config_dict['model_type']}' to inspect it: {checkpoint._first_line(exc)}") from None
+    config = _load_config_object(folder, config_dict, trust_remote_code)
+    lookup(config_dict["model_type"])  # refuses known post-norm families before anything is built
     if any("--" in name for name in (getattr(config, "auto_map", None) or {}).values()):
         raise LNSError("the checkpoint's custom code lives in another repository; download it beside the weights first")
-    return architecture_for_model(model, layers, norms), config
+    model = build_on_meta(config, trust_remote_code)
+    return architecture_for_model(model, layers, norms), config, model
 
 
 def _refuse_converted(config_dict: dict) -> None:
@@ -74,51 +80,55 @@ def _refuse_converted(config_dict: dict) -> None:
         raise LNSError("the input already has LayerNorm Scaling folded into its weights: converting it again would scale twice")
 
 
-def _num_layers(config, arch: Architecture, folder: Path) -> int:
-    count = getattr(config, "num_hidden_layers", None)
-    if not isinstance(count, int) or count < 1:
-        raise LNSError(f"cannot tell how many layers '{folder}' has")
-    return count
+def norm_tensors(model, lns: dict, tensors: dict) -> list[list[tuple[str, str]]]:
+    """Per block, ``(parameter name, file key)`` of every parameter of the scaled norms.
+
+    File keys come from transformers' own loading renames, so fold mode rewrites exactly the tensors
+    the norms load from; a parameter no file key loads into is refused rather than skipped.
+    """
+    from lns_surgery.conversion.tensor_names import file_keys_by_module_key
+
+    file_keys = file_keys_by_module_key(model, tensors)
+    blocks = lns_layers.resolve_layers(model, lns["layers"])
+    prefix = _module_path(model, blocks)
+    per_block = []
+    for index, block in enumerate(blocks):
+        entries = []
+        for norm in lns["norms"]:
+            for name, _ in block.get_submodule(norm).named_parameters(recurse=False):
+                module_key = f"{prefix}.{index}.{norm}.{name}"
+                if module_key not in file_keys:
+                    raise LNSError(f"no tensor in the weight files loads into '{module_key}', so it cannot be folded")
+                entries.append((name, file_keys[module_key]))
+        per_block.append(entries)
+    return per_block
 
 
-def _tensor_name(tensors: dict, name: str) -> str | None:
-    """``name`` as the checkpoint stores it: some (original GPT-2) drop the base model prefix."""
-    if name in tensors:
-        return name
-    stripped = name.partition(".")[2]
-    return stripped if stripped in tensors else None
+def _module_path(model, target) -> str:
+    return next(name for name, module in model.named_modules() if module is target)
 
 
-def _check_norm_tensors(arch: Architecture, num_layers: int, tensors: dict | None) -> None:
-    if tensors is None:
-        return
-    missing = [name for name in arch.norm_parameter_names(num_layers) if _tensor_name(tensors, name) is None]
-    if missing:
-        raise LNSError(f"the weights have no tensor '{missing[0]}' where the {arch.model_type} layout puts a norm")
-
-
-def _fold_scales_into_weights(out: Path, arch_lns: dict, scales: list[float], tensors: dict) -> None:
+def _fold_scales_into_weights(out: Path, lns: dict, scales: list[float], tensors: dict, per_block) -> None:
     """Rewrite the norm tensors of the copied shards in ``out`` so stock classes compute LNS."""
-    import torch
+    from lns_surgery.conversion.norm_math import fold_tensor
 
-    kind = arch_lns["norm_kind"]
-    if kind == "layernorm_no_affine":
-        raise LNSError("these norms have no parameters to fold the scale into; use --mode code")
+    rule = lns.get("fold_rule")
+    for scale, entries in zip(scales, per_block):
+        for parameter_name, key in entries:
+            entry = tensors[key]
+            folded = fold_tensor(rule, parameter_name, checkpoint.read_tensor(entry), scale)
+            checkpoint.write_tensor_in_place(out / entry.file.name, entry, folded)
+
+
+def _check_foldable(lns: dict, tensors: dict | None) -> None:
     if tensors is None:
         raise LNSError("fold mode rewrites safetensors weights; this checkpoint has only .bin files (use --mode code)")
-    for index, scale in enumerate(scales):
-        for norm in arch_lns["norms"]:
-            for suffix in ("weight", "bias") if kind == "layernorm" else ("weight",):
-                name = _tensor_name(tensors, f"{arch_lns['layers']}.{index}.{norm}.{suffix}")
-                if name is None:
-                    continue  # LayerNorm without bias
-                entry = tensors[name]
-                original = checkpoint.read_tensor(entry).to(torch.float32)
-                if kind == "gemma_rmsnorm":  # (1 + w') = c (1 + w)
-                    folded = scale * (1.0 + original) - 1.0
-                else:
-                    folded = scale * original
-                checkpoint.write_tensor_in_place(out / entry.file.name, entry, folded)
+    if not lns.get("fold_rule"):
+        classes = ", ".join(lns.get("norm_classes") or ()) or "these norms"
+        raise LNSError(
+            f"the scale cannot be folded exactly into the weights of {classes} (no parameters, or no "
+            "weight rule reproduces its math); use --mode code"
+        )
 
 
 def _copy_for_rewrite(folder: Path, out: Path, tensors: dict | None, link: str, skip: set[str]) -> None:
@@ -159,10 +169,12 @@ def convert(
     config_dict = checkpoint.read_config(folder)
     _refuse_converted(config_dict)
     tensors = checkpoint.weight_map(folder)
-    arch, config = architecture_for_checkpoint(folder, config_dict, trust_remote_code, layers, norms)
-    num_layers = _num_layers(config, arch, folder)
-    _check_norm_tensors(arch, num_layers, tensors)
+    arch, config, model = architecture_for_checkpoint(folder, config_dict, trust_remote_code, layers, norms)
+    num_layers = len(lns_layers.resolve_layers(model, arch.layers))
     lns = arch.lns_block(alpha, source=provenance)
+    if mode == "fold":
+        _check_foldable({**lns, "norm_classes": arch.norm_classes}, tensors)
+        per_block = norm_tensors(model, lns, tensors)
 
     with checkpoint.atomic_output_dir(out, overwrite) as staging:
         if mode == "code":
@@ -176,7 +188,7 @@ def convert(
         else:
             _copy_for_rewrite(folder, staging, tensors, link, skip={"config.json"})
             scales = [lns_layers.layer_scale(index, alpha) for index in range(num_layers)]
-            _fold_scales_into_weights(staging, lns, scales, tensors)
+            _fold_scales_into_weights(staging, lns, scales, tensors, per_block)
             new_config = dict(config_dict)
             new_config["lns_folded"] = _folded_provenance(lns, scales)
             checkpoint.write_json(staging / "config.json", new_config)
@@ -185,7 +197,8 @@ def convert(
 
 
 def _folded_provenance(lns: dict, scales: list[float]) -> dict:
-    keep = ("schema_version", "rule", "alpha", "base_model_type", "layers", "norms", "norm_kind", "source", "tool_version")
+    keep = ("schema_version", "rule", "alpha", "base_model_type", "layers", "norms", "norm_kind", "fold_rule", "source",
+            "tool_version")
     provenance = {key: lns[key] for key in keep if key in lns}
     provenance["scales"] = scales
     return provenance
@@ -204,19 +217,38 @@ def fold(source: str | Path, out: str | Path, *, overwrite: bool = False, link: 
     if not lns:
         raise LNSError("the input is not an LNS checkpoint; use `convert --mode fold` for a stock model")
     tensors = checkpoint.weight_map(folder)
-    num_layers = _num_layers_from_dict(config_dict)
-    scales = [lns_layers.layer_scale(index, lns.get("alpha", 1.0)) for index in range(num_layers)]
+    lns = {**lns, "fold_rule": lns.get("fold_rule", _LEGACY_FOLD_RULES.get(lns["norm_kind"]))}
+    _check_foldable(lns, tensors)
     stock_config = {key: value for key, value in config_dict.items() if key not in {"lns", "auto_map"}}
     stock_config["model_type"] = lns["base_model_type"]
     stock_config["architectures"] = [lns["base_classes"]["AutoModelForCausalLM"].rsplit(".", 1)[-1]]
     if any("." in name for name in lns["base_classes"].values()):
         stock_config["auto_map"] = {auto: name for auto, name in _base_auto_map(lns).items()}
+    model = build_on_meta(_stock_config_object(lns, stock_config, folder))
+    per_block = norm_tensors(model, lns, tensors)
+    scales = [lns_layers.layer_scale(index, lns.get("alpha", 1.0)) for index in range(len(per_block))]
     stock_config["lns_folded"] = _folded_provenance(lns, scales)
     with checkpoint.atomic_output_dir(out, overwrite) as staging:
         _copy_for_rewrite(folder, staging, tensors, link, skip={"config.json", *lns_layers.CODE_FILES})
-        _fold_scales_into_weights(staging, lns, scales, tensors)
+        _fold_scales_into_weights(staging, lns, scales, tensors, per_block)
         checkpoint.write_json(staging / "config.json", stock_config)
     return out
+
+
+# Schema-1 checkpoints named no fold rule; their norm kinds imply it.
+_LEGACY_FOLD_RULES = {"rmsnorm": "scale", "layernorm": "scale", "gemma_rmsnorm": "one_plus"}
+
+
+def _stock_config_object(lns: dict, stock_config: dict, folder: Path):
+    """The base family's own config class for a code-mode checkpoint's config (never the folder's code)."""
+    from transformers import CONFIG_MAPPING
+
+    if lns["base_model_type"] not in CONFIG_MAPPING:
+        raise LNSError(
+            f"the base model '{lns['base_model_type']}' is custom code; fold the original checkpoint with "
+            "`convert --mode fold --trust-remote-code` instead"
+        )
+    return CONFIG_MAPPING[lns["base_model_type"]].from_dict(stock_config)
 
 
 def _base_auto_map(lns: dict) -> dict:
@@ -255,7 +287,7 @@ def inspect_checkpoint(
         lns = config_dict["lns_folded"]
         status, alpha, origin = "lns-folded", lns.get("alpha", 1.0), "checkpoint"
     else:
-        arch, _ = architecture_for_checkpoint(folder, config_dict, trust_remote_code, layers, norms)
+        arch, _, _ = architecture_for_checkpoint(folder, config_dict, trust_remote_code, layers, norms)
         lns = arch.lns_block(1.0)
         status, alpha, origin = "stock", 1.0, "detected" if arch.detected else "registry"
     num_layers = _num_layers_from_dict(config_dict)
@@ -268,6 +300,7 @@ def inspect_checkpoint(
         num_layers=num_layers,
         norms=list(lns["norms"]),
         norm_kind=lns["norm_kind"],
+        fold_rule=lns.get("fold_rule", _LEGACY_FOLD_RULES.get(lns["norm_kind"])),
         scales=[lns_layers.layer_scale(index, alpha) for index in range(num_layers)],
     )
     if status == "stock":

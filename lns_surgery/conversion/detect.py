@@ -9,14 +9,16 @@ picked, and q/k norms are inside the attention module, not siblings, so they are
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 
 import torch
 from torch import nn
 
 from lns_surgery.conversion.registry import AUTO_CLASSES, Architecture
+from lns_surgery.conversion.norm_math import fold_rule
 from lns_surgery.errors import LNSError
+from lns_surgery.modeling.lns_layers import exact_kind, resolve_layers
 
 logger = logging.getLogger(__name__)
 
@@ -96,25 +98,36 @@ def find_pre_norms(model: nn.Module, layers_path: str) -> list[str]:
     return consumed
 
 
-def norm_kind(module: nn.Module) -> str:
-    """How a norm module uses its weight, found by running a CPU copy of it on random input."""
-    if not any(True for _ in module.parameters(recurse=False)):
-        return "layernorm_no_affine"
-    if isinstance(module, nn.LayerNorm):
-        return "layernorm"
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if eps is not None and getattr(module, "weight", None) is not None:
-        probe = copy.deepcopy(module).to_empty(device="cpu").float()
-        with torch.no_grad():
-            probe.weight.fill_(0.5)
-            x = torch.randn(3, probe.weight.shape[-1])
-            x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-            y = probe(x)
-        if torch.allclose(y, 0.5 * x_hat, atol=1e-5):
-            return "rmsnorm"
-        if torch.allclose(y, 1.5 * x_hat, atol=1e-5):
-            return "gemma_rmsnorm"
-    raise LNSError(f"could not tell how the norm {type(module).__name__} uses its weight; this architecture is not supported")
+def norm_kind(module: nn.Module, preferred: str | None = None) -> str:
+    """The form LNS scales this norm with: a weight form proven on a CPU copy of its class, else ``output``."""
+    return exact_kind(module, preferred)
+
+
+def prove_norms(arch: Architecture, model: nn.Module) -> Architecture:
+    """``arch`` with the norm form and fold rule proven on this model's own norm classes.
+
+    Every block must have every norm; one form (and one fold rule) serves all of them, so where the
+    classes disagree the output form, which is exact for any norm, is used (and folding is refused).
+    """
+    blocks = resolve_layers(model, arch.layers)
+    modules = []
+    for index, block in enumerate(blocks):
+        for name in arch.norms:
+            try:
+                modules.append(block.get_submodule(name))
+            except AttributeError:
+                raise LNSError(
+                    f"block {index} ({type(block).__name__}) of '{arch.layers}' has no norm '{name}'; "
+                    "state the norms of every block with --norms"
+                ) from None
+    kinds = {norm_kind(module, arch.norm_kind or None) for module in modules}
+    rules = {fold_rule(module) for module in modules}
+    return dataclasses.replace(
+        arch,
+        norm_kind=kinds.pop() if len(kinds) == 1 else "output",
+        fold_rule=rules.pop() if len(rules) == 1 else None,
+        norm_classes=tuple(sorted({type(module).__name__ for module in modules})),
+    )
 
 
 def stock_classes(config) -> dict:
@@ -166,14 +179,12 @@ def detect_architecture(model: nn.Module, layers: str | None = None, norms: list
             first_block.get_submodule(name)
         except AttributeError:
             raise LNSError(f"block '{layers_path}.0' has no module '{name}'") from None
-    kinds = {norm_kind(first_block.get_submodule(name)) for name in norms}
-    if len(kinds) != 1:
-        raise LNSError(f"the norms {norms} are of different kinds ({sorted(kinds)}); this is not supported")
-    return Architecture(
+    arch = Architecture(
         model_type=model_type,
         layers=layers_path,
         norms=tuple(norms),
-        norm_kind=kinds.pop(),
+        norm_kind="output",
         classes=stock_classes(model.config),
         detected=True,
     )
+    return prove_norms(dataclasses.replace(arch, norm_kind=""), model)

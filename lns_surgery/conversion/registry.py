@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from lns_surgery.errors import LNSError
-from lns_surgery.modeling.lns_layers import NORM_KINDS
+from lns_surgery.modeling.lns_layers import NORM_KINDS, canonical_kind
 
 AUTO_CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification")
 
@@ -29,6 +29,8 @@ class Architecture:
     classes: dict = field(default_factory=dict)  # "config" and Auto class name -> stock class name
     refuse: str | None = None  # why this architecture cannot be converted
     detected: bool = False  # found by inspection rather than read from the registry
+    fold_rule: str | None = None  # how the scale folds into the norm weights (proven on the model), if it can
+    norm_classes: tuple[str, ...] = ()  # the norm classes the form and the fold rule were proven on
 
     def __post_init__(self):
         if self.refuse:
@@ -38,7 +40,7 @@ class Architecture:
             problems.append("'layers' is empty")
         if len(self.norms) < 1 or len(set(self.norms)) != len(self.norms):
             problems.append(f"'norms' must name distinct norms, got {list(self.norms)}")
-        if self.norm_kind not in NORM_KINDS:
+        if self.norm_kind and canonical_kind(self.norm_kind) not in NORM_KINDS:
             problems.append(f"'norm_kind' {self.norm_kind!r} is not one of {', '.join(NORM_KINDS)}")
         if "config" not in self.classes or "AutoModelForCausalLM" not in self.classes:
             problems.append("'classes' must name at least 'config' and 'AutoModelForCausalLM'")
@@ -47,16 +49,6 @@ class Architecture:
             problems.append(f"'classes' has unknown keys {sorted(unknown)}")
         if problems:
             raise ValueError(f"architecture {self.model_type!r}: " + "; ".join(problems))
-
-    def norm_parameter_names(self, num_layers: int) -> list[str]:
-        """State-dict names of every norm parameter LNS touches (``model.layers.3.input_layernorm.weight``)."""
-        suffixes = {"rmsnorm": ("weight",), "gemma_rmsnorm": ("weight",), "layernorm": ("weight", "bias")}
-        return [
-            f"{self.layers}.{index}.{norm}.{suffix}"
-            for index in range(num_layers)
-            for norm in self.norms
-            for suffix in suffixes.get(self.norm_kind, ())
-        ]
 
     def lns_block(self, alpha: float = 1.0, source: dict | None = None, tool_version: str | None = None) -> dict:
         """The ``lns`` block of an LNS checkpoint's config.json."""
@@ -70,6 +62,7 @@ class Architecture:
             "layers": self.layers,
             "norms": list(self.norms),
             "norm_kind": self.norm_kind,
+            "fold_rule": self.fold_rule,
             "base_classes": dict(self.classes),
             "source": source or {},
             "tool_version": tool_version or _tool_version(),

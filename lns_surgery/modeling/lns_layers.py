@@ -13,13 +13,17 @@ How the scale is applied: each targeted norm module keeps its class's parameters
 shapes and state-dict keys) and is given a subclass whose forward multiplies the norm's *effective
 weight* by the scale c (``c * w``, ``c * (1 + w)`` for Gemma, ``c * w`` and ``c * b`` for LayerNorm).
 That is the same function, with the same gradient, as scaling the norm's output, but it costs a
-multiply over a hidden-size vector instead of a pass over the activations. The scale is a plain
+multiply over a hidden-size vector instead of a pass over the activations. Such a weight form is
+used only once a CPU copy of that norm class has shown it equals ``c * stock_forward(x)`` (fp32,
+random weights and inputs, milliseconds); any other norm, including classes nobody has seen, gets
+the ``output`` form: its own stock forward followed by a multiply, which is exact by construction. The scale is a plain
 Python float recomputed from the layer index whenever the model is built, so nothing can wipe it:
 meta-device init, ``to_empty``, ``.to(dtype)``, ``deepcopy`` and PEFT's module copies all keep it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -29,10 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RULE = "1/sqrt(l)"
 CODE_FILES = ("lns_layers.py", "configuration_lns.py", "modeling_lns.py")
-NORM_KINDS = ("rmsnorm", "gemma_rmsnorm", "layernorm", "layernorm_no_affine")
+WEIGHT_FORMS = ("rmsnorm", "gemma_rmsnorm", "layernorm")  # tried in this order
+NORM_KINDS = (*WEIGHT_FORMS, "output")
+_LEGACY_KINDS = {"layernorm_no_affine": "output"}  # schema 1 name of the output form
 
 
 def layer_scale(layer_index: int, alpha: float = 1.0) -> float:
@@ -74,7 +80,8 @@ def _layernorm_forward(self, input):
 
 
 def _scaled_output_forward(self, *args, **kwargs):
-    # A norm with no parameters (OLMo) has no weight to carry the scale: scale its output.
+    # Any norm (one without parameters, like OLMo's, or one whose math no weight form matches):
+    # the stock forward, then the scale.
     return super(type(self), self).forward(*args, **kwargs) * self.lns_scale
 
 
@@ -82,8 +89,106 @@ _FORWARDS = {
     "rmsnorm": _rmsnorm_forward,
     "gemma_rmsnorm": _gemma_rmsnorm_forward,
     "layernorm": _layernorm_forward,
-    "layernorm_no_affine": _scaled_output_forward,
+    "output": _scaled_output_forward,
 }
+
+
+def canonical_kind(kind: str) -> str:
+    return _LEGACY_KINDS.get(kind, kind)
+
+
+# --- proving a weight form on a CPU copy of one norm ---------------------------------------------
+
+PROBE_SCALE = 0.37  # any value away from 1 and 0
+PROBE_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+
+def stock_class(module: nn.Module) -> type:
+    cls = type(module)
+    return cls.__mro__[1] if hasattr(cls, "lns_kind") else cls
+
+
+def norm_width(module: nn.Module) -> int | None:
+    """The size of the last dimension the norm works on, from its parameters or its shape."""
+    for tensor in module.parameters(recurse=False):
+        if tensor.dim() >= 1:
+            return int(tensor.shape[-1])
+    shape = getattr(module, "normalized_shape", None)
+    if shape:
+        return int(tuple(shape)[-1]) if not isinstance(shape, int) else shape
+    return None
+
+
+def cpu_probe(module: nn.Module, seed: int = 0) -> nn.Module:
+    """A stock-class fp32 CPU copy of ``module`` with random parameters: never the model's weights."""
+    with torch.device("cpu"):
+        probe = copy.deepcopy(module)
+        probe.__class__ = stock_class(module)
+        if any(t.is_meta for t in probe.parameters()) or any(t.is_meta for t in probe.buffers()):
+            probe = probe.to_empty(device="cpu")
+        probe = probe.to(device="cpu", dtype=torch.float32)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for tensor in probe.parameters(recurse=False):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+    return probe
+
+
+def probe_input(width: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return 0.3 + 2.0 * torch.randn(2, 5, width, generator=generator, dtype=torch.float32)
+
+
+def _stock_output(probe: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return type(probe).forward(probe, x)
+
+
+def weight_form_is_exact(module: nn.Module, kind: str) -> bool:
+    """Whether the weight form ``kind`` computes ``c * stock_forward(x)`` for this norm's class.
+
+    Decided on a CPU copy with random weights (cached per class and width); any error means no.
+    """
+    if kind == "output":
+        return True
+    width = norm_width(module)
+    if width is None or kind not in _FORWARDS:
+        return False
+    key = (stock_class(module), kind, width, _probe_attributes(module))
+    if key not in _PROVEN:
+        _PROVEN[key] = _prove(module, kind, width)
+    return _PROVEN[key]
+
+
+_PROVEN: dict = {}
+
+
+def _probe_attributes(module: nn.Module) -> tuple:
+    # Plain attributes (eps, flags such as with_scale) change a norm's math: part of the cache key.
+    return tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str, tuple))
+                        and k not in {"training", "lns_scale"}))
+
+
+def _prove(module: nn.Module, kind: str, width: int) -> bool:
+    try:
+        probe = cpu_probe(module)
+        x = probe_input(width)
+        expected = PROBE_SCALE * _stock_output(probe, x)
+        probe.lns_scale = PROBE_SCALE
+        with torch.no_grad():
+            actual = _FORWARDS[kind](probe, x)
+        return bool(actual.shape == expected.shape and torch.allclose(actual, expected, **PROBE_TOLERANCE))
+    except Exception:  # a form that does not even run on this class is not this class's math
+        return False
+
+
+def exact_kind(module: nn.Module, preferred: str | None = None) -> str:
+    """The form to scale this norm with: ``preferred`` (or the first weight form) once proven, else ``output``."""
+    candidates = (canonical_kind(preferred),) if preferred else WEIGHT_FORMS
+    for kind in candidates:
+        if weight_form_is_exact(module, kind):
+            return kind
+    return "output"
 
 _SCALED_CLASSES: dict = {}
 
@@ -99,6 +204,7 @@ def scaled_norm_class(base: type, kind: str) -> type:
     It keeps the base's name inside its own (``LNSLlamaRMSNorm``), so ``isinstance`` checks and
     transformers' name-based weight initialisation treat it exactly like the stock norm.
     """
+    kind = canonical_kind(kind)
     if kind not in _FORWARDS:
         raise ValueError(f"unknown norm kind {kind!r}; expected one of {', '.join(NORM_KINDS)}")
     key = (base, kind)
@@ -134,7 +240,8 @@ def apply_scaling(model: nn.Module, lns: dict) -> nn.Module:
     """Give each targeted norm its scaled subclass and the scale for ``lns['alpha']``. Idempotent.
 
     Norms that PEFT has wrapped (``modules_to_save`` keeps an original and a trained copy) are found
-    inside their wrapper, and every copy gets the scale.
+    inside their wrapper, and every copy gets the scale. The recorded ``norm_kind`` is used only where
+    it is proven for the installed norm class; otherwise the norm's output is scaled.
     """
     layers = resolve_layers(model, lns["layers"])
     alpha = float(lns.get("alpha", 1.0))
@@ -143,7 +250,8 @@ def apply_scaling(model: nn.Module, lns: dict) -> nn.Module:
             module = layer.get_submodule(norm_name)
             norms = [m for m in module.modules() if is_scaled_norm(m)]
             if not norms:
-                module.__class__ = scaled_norm_class(type(module), lns["norm_kind"])
+                kind = exact_kind(module, lns["norm_kind"])
+                module.__class__ = scaled_norm_class(type(module), kind)
                 norms = [module]
             for norm in norms:
                 norm.lns_scale = layer_scale(index, alpha)
