@@ -14,23 +14,42 @@ logger = logging.getLogger(__name__)
 
 
 def architecture_for_model(model: nn.Module, layers: str | None = None, norms: list[str] | None = None) -> Architecture:
-    """The registry entry for the model's ``model_type``, or what inspection finds (``layers``/``norms`` override),
-    with the norm form and fold rule proven on the model's own norm classes."""
-    from lns_surgery.conversion.detect import detect_architecture, prove_norms
+    """Where LNS acts in ``model``, with the norm form and fold rule proven on its own norm classes.
+
+    The model's data flow decides, and a registry entry must agree with it (a checkpoint whose config
+    changes the block, such as an MoE variant with a third pre-norm, is refused rather than converted
+    in part); ``layers``/``norms`` from the user override both. A registry entry marked untraceable
+    is used as it stands.
+    """
+    from lns_surgery.conversion.detect import detect_architecture, prove_norms, stock_classes
 
     lns = getattr(model.config, "lns", None)
     if lns and layers is None and norms is None:  # an LNS model describes itself
         return Architecture(lns["base_model_type"], lns["layers"], tuple(lns["norms"]), lns["norm_kind"],
                             dict(lns["base_classes"]))
     arch = lookup(model.config.model_type)
-    if arch is not None and layers is None and norms is None:
-        return prove_norms(arch, model)
-    if arch is not None:
-        layers = layers or arch.layers
+    if arch is not None and (layers is not None or norms is not None):
+        detected = detect_architecture(model, layers=layers or arch.layers, norms=norms)
+        return dataclasses.replace(detected, model_type=arch.model_type)
+    if arch is not None and arch.untraceable:
+        classes = stock_classes(model.config, type(model).__name__)
+        return prove_norms(dataclasses.replace(arch, classes=classes), model)
     detected = detect_architecture(model, layers=layers, norms=norms)
-    if arch is not None:  # a registry family with user-chosen norms keeps the registry's classes
-        return dataclasses.replace(detected, model_type=arch.model_type, classes=arch.classes)
-    return detected
+    if arch is None:
+        if layers is None and norms is None:
+            logger.warning(
+                "'%s' is not in the registry: its data flow shows layers '%s' and pre-sublayer norms %s. "
+                "Check them, or state them with --layers/--norms.",
+                model.config.model_type, detected.layers, ", ".join(detected.norms),
+            )
+        return detected
+    if (detected.layers, detected.norms) != (arch.layers, arch.norms):
+        raise LNSError(
+            f"this '{arch.model_type}' model's data flow shows layers '{detected.layers}' with pre-sublayer norms "
+            f"{list(detected.norms)}, not the registry's '{arch.layers}' with {list(arch.norms)}; "
+            "state the layout with --layers/--norms"
+        )
+    return dataclasses.replace(detected, detected=False)
 
 
 def is_lns_model(model: nn.Module) -> bool:

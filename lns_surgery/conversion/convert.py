@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from lns_surgery.conversion import checkpoint
-from lns_surgery.conversion.registry import Architecture, lookup
+from lns_surgery.conversion.registry import Architecture, lookup, primary_auto_class
 from lns_surgery.errors import LNSError
 from lns_surgery.modeling import lns_layers
 
@@ -37,15 +37,37 @@ def _load_config_object(folder: Path, config_dict: dict, trust_remote_code: bool
 
 
 def build_on_meta(config, trust_remote_code: bool = False):
-    """The stock model for ``config`` on the meta device: its module tree, no weights, no memory."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """The stock model for ``config`` on the meta device: its module tree, no weights, no memory.
 
+    The class the checkpoint names (``architectures``) where it is a causal-LM or image-text class of
+    this family, so a multimodal checkpoint is built with its vision tower; else the causal LM, else
+    the image-text-to-text model (Mistral 3, LLaVA, ...).
+    """
+    import torch
+    import transformers
+
+    model_class = generative_class(config)
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            if model_class is not None:
+                return model_class._from_config(config)
+            return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:  # any failure of a model's own constructor
         raise LNSError(f"could not build '{config.model_type}' to inspect it: {checkpoint._first_line(exc)}") from None
+
+
+def generative_class(config):
+    """The transformers class to build for a stock config, or None for custom code."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    image_text = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
+    named = (getattr(config, "architectures", None) or [None])[0]
+    for name in (named if named in (causal, image_text) else None, causal, image_text):
+        if name and hasattr(transformers, name):
+            return getattr(transformers, name)
+    return None
 
 
 def architecture_for_checkpoint(
@@ -91,12 +113,18 @@ def norm_tensors(model, lns: dict, tensors: dict) -> list[list[tuple[str, str]]]
     file_keys = file_keys_by_module_key(model, tensors)
     blocks = lns_layers.resolve_layers(model, lns["layers"])
     prefix = _module_path(model, blocks)
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
     per_block = []
     for index, block in enumerate(blocks):
         entries = []
         for norm in lns["norms"]:
-            for name, _ in block.get_submodule(norm).named_parameters(recurse=False):
+            for name, parameter in block.get_submodule(norm).named_parameters(recurse=False):
                 module_key = f"{prefix}.{index}.{norm}.{name}"
+                shared = [other for other in names_of[id(parameter)] if other != module_key]
+                if shared:  # a tied weight: folding would rescale the other module too
+                    raise LNSError(f"'{module_key}' is the same weight as '{shared[0]}', so it cannot be folded; use --mode code")
                 if module_key not in file_keys:
                     raise LNSError(f"no tensor in the weight files loads into '{module_key}', so it cannot be folded")
                 entries.append((name, file_keys[module_key]))
@@ -181,7 +209,7 @@ def convert(
             checkpoint.copy_folder(folder, staging, skip={"config.json"}, link=link)
             new_config = dict(config_dict)
             new_config["model_type"] = lns_layers.lns_model_type(arch.model_type)
-            new_config["architectures"] = [lns_layers.lns_class_name(arch.classes["AutoModelForCausalLM"])]
+            new_config["architectures"] = [lns_layers.lns_class_name(arch.primary_class)]
             new_config["lns"] = lns
             checkpoint.write_json(staging / "config.json", new_config)
             lns_layers.write_custom_code(staging, lns)
@@ -221,7 +249,7 @@ def fold(source: str | Path, out: str | Path, *, overwrite: bool = False, link: 
     _check_foldable(lns, tensors)
     stock_config = {key: value for key, value in config_dict.items() if key not in {"lns", "auto_map"}}
     stock_config["model_type"] = lns["base_model_type"]
-    stock_config["architectures"] = [lns["base_classes"]["AutoModelForCausalLM"].rsplit(".", 1)[-1]]
+    stock_config["architectures"] = [lns["base_classes"][primary_auto_class(lns["base_classes"])].rsplit(".", 1)[-1]]
     if any("." in name for name in lns["base_classes"].values()):
         stock_config["auto_map"] = {auto: name for auto, name in _base_auto_map(lns).items()}
     model = build_on_meta(_stock_config_object(lns, stock_config, folder))

@@ -12,15 +12,17 @@ whose norms cannot all be classified, or whose residual stream only leaves throu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 
 import torch
+import torch.fx.experimental._config  # noqa: F401  (the meta nonzero switch)
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from lns_surgery.conversion.registry import AUTO_CLASSES, Architecture
+from lns_surgery.conversion.registry import AUTO_CLASSES, Architecture, classes_for_type
 from lns_surgery.conversion.norm_math import fold_rule
 from lns_surgery.errors import LNSError
 from lns_surgery.modeling.lns_layers import exact_kind, resolve_layers
@@ -55,15 +57,21 @@ def find_layer_list(model: nn.Module) -> str:
 
 
 def _looks_like_norm(name: str, module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower() or "norm" in name.lower()
+    # A norm is a leaf: a child that holds modules (DBRX's "norm_attn_norm") is a sublayer.
+    named = isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower() or "norm" in name.lower()
+    return named and not any(True for _ in module.children())
 
 
 class _DataFlow(TorchFunctionMode):
-    """Labels every tensor with where its data came from, through every torch operation.
+    """Labels every tensor with the data it carries unchanged, through every torch operation.
 
-    A block's input is labelled ("residual", block); a norm's output carries only ("norm", block, name),
-    so the residual stream is traced through additions, reshapes, routing and indexing but never
-    through a norm. Mutating operations (``index_add_``, ``x[i] = y``) label the tensor they write.
+    A block's input is labelled ("residual", block) and a norm's output ("norm", block, name). Labels
+    pass through the operations that move or add data without transforming it (additions, reshapes,
+    indexing and routing, concatenation, dropout, scaling by a constant) and through in-place writes
+    (``index_add_``, ``x[i] = y``); any other operation (a linear layer, an activation, a gate that
+    multiplies two inputs) gives data of its own, unlabelled. So the residual stream is followed
+    through a block and through sublayers that add it back themselves (BLOOM, MPT), and a norm's
+    output is followed to whichever sublayer receives it, however reshaped or routed.
     """
 
     def __init__(self):
@@ -86,14 +94,49 @@ class _DataFlow(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _META_ANSWERS and args and getattr(args[0], "is_meta", False):
+            # A meta tensor has no values. Checks on values (is the mask all ones? is the batch packed?)
+            # get a fixed answer: they choose a code path, and the data flow is what is traced.
+            return _META_ANSWERS[func](args[0])
         result = func(*args, **kwargs)
+        name = getattr(func, "__name__", "").strip("_")
+        if name.startswith("i") and name[1:] in _CARRYING:  # __iadd__, __imul__, ...
+            name = name[1:]
+        if name.rstrip("_") not in _CARRYING:
+            return result
+        if name.rstrip("_") in _SCALING:
+            labelled = [leaf for leaf in tree_flatten((args, kwargs))[0]
+                        if isinstance(leaf, torch.Tensor) and self.labels.get(id(leaf))]
+            if len(labelled) > 1:  # a product of two data tensors (a gate) is new data
+                return result
         labels = self.of((args, kwargs))
         if labels:
             self.set(result, labels)
-            name = getattr(func, "__name__", "")
-            if args and (name.endswith("_") or name == "__setitem__"):
+            if args and (name.endswith("_") or name == "setitem" or getattr(func, "__name__", "").startswith("__i")):
                 self.set(args[0], labels)
         return result
+
+
+# Operations whose output carries its inputs' data unchanged (by name, so methods, functions and
+# in-place variants all count). Anything else makes new data.
+_SCALING = {"mul", "div", "true_divide", "truediv", "rmul", "rtruediv"}
+_CARRYING = _SCALING | {
+    "add", "radd", "sub", "rsub", "neg", "pos", "sum",
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "permute",
+    "transpose", "t", "expand", "expand_as", "repeat", "repeat_interleave", "contiguous", "clone", "detach",
+    "to", "type", "type_as", "float", "half", "bfloat16", "double", "narrow", "select", "movedim",
+    "getitem", "setitem", "index_select", "gather", "take_along_dim", "masked_select", "index_add",
+    "index_copy", "index_put", "scatter", "scatter_add", "scatter_reduce", "masked_scatter", "masked_fill",
+    "where", "copy", "cat", "concat", "concatenate", "stack", "split", "chunk", "unbind", "tensor_split",
+    "dropout", "roll", "flip", "pad",
+}
+
+
+_META_ANSWERS = {
+    torch.Tensor.__bool__: lambda tensor: True,
+    torch.Tensor.item: lambda tensor: True if tensor.dtype == torch.bool else 1 if not tensor.is_floating_point() else 1.0,
+    torch.Tensor.tolist: lambda tensor: torch.ones(tensor.shape, dtype=tensor.dtype, device="cpu").tolist(),
+}
 
 
 @dataclasses.dataclass
@@ -109,12 +152,30 @@ def trace_blocks(model: nn.Module, layers_path: str) -> list[_BlockTrace]:
 
     A sublayer that cannot run on the meta device (data-dependent MoE routing) is replaced, for that
     call, by a stand-in that returns a tensor shaped like its input and carrying its input's labels.
+    Some models check the attention mask's values and others the ids' (packing, padding), which meta
+    tensors cannot answer: the forward is tried without a mask, then with one.
     """
+    # The trace runs on a bf16 meta twin: no memory, no compute, the caller's model untouched (and the
+    # meta kernels of grouped expert matmuls accept bf16 only).
+    if _device(model).type == "meta":
+        model = copy.deepcopy(model).to(torch.bfloat16)
+    else:
+        with torch.device("meta"):  # from a copy of the config, which building may write to
+            model = type(model)._from_config(copy.deepcopy(model.config)).to(torch.bfloat16)
     blocks = model.get_submodule(layers_path)
+    ids = torch.ones(1, 4, dtype=torch.long, device=_device(model))
+    traces = []
+    for inputs in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+        traces = _trace_once(model, blocks, inputs)
+        if all(trace.finished for trace in traces):
+            break
+    return traces
+
+
+def _trace_once(model: nn.Module, blocks: nn.ModuleList, inputs: dict) -> list[_BlockTrace]:
     flow = _DataFlow()
     traces = [_BlockTrace() for _ in blocks]
     handles, patched = [], []
-
     for index, block in enumerate(blocks):
         trace = traces[index]
         residual = frozenset({("residual", index)})
@@ -140,17 +201,13 @@ def trace_blocks(model: nn.Module, layers_path: str) -> list[_BlockTrace]:
                     lambda m, args, kwargs, trace=trace, index=index, name=name: _record_reads(flow, trace, index, name, (args, kwargs)),
                     with_kwargs=True))
                 patched.append(_run_or_stand_in(child, flow))
-
-    ids = torch.ones(1, 4, dtype=torch.long, device=_device(model))
-    pad_token_id = getattr(model.config, "pad_token_id", None)
-    model.config.pad_token_id = None  # meta ids cannot answer a padding check
     try:
-        with torch.no_grad(), flow:
-            model(input_ids=ids)
+        # nonzero() on meta: assume every element is non-zero (routing then sends every token everywhere).
+        with torch.no_grad(), flow, torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True):
+            model(**inputs)
     except Exception as exc:
         logger.debug("traced forward stopped: %s", exc)
     finally:
-        model.config.pad_token_id = pad_token_id
         for handle in handles:
             handle.remove()
         for module in patched:
@@ -163,9 +220,16 @@ def _record_input(flow, trace, norm, args) -> None:  # a hook's return value wou
 
 
 def _record_reads(flow, trace, index, sublayer, value) -> None:
-    for label in flow.of(value):
-        if label[0] == "norm" and label[1] == index:
-            trace.consumed.setdefault(label[2], set()).add(sublayer)
+    """Which of the block's norms this sublayer reads. An argument that carries the residual stream
+    itself (a router reading the raw stream) says nothing about the norms whose outputs were added
+    into that stream earlier, so only arguments without the residual count."""
+    for leaf in tree_flatten(value)[0]:
+        labels = flow.of(leaf) if isinstance(leaf, torch.Tensor) else frozenset()
+        if ("residual", index) in labels:
+            continue
+        for label in labels:
+            if label[0] == "norm" and label[1] == index:
+                trace.consumed.setdefault(label[2], set()).add(sublayer)
 
 
 def _device(model):
@@ -257,19 +321,18 @@ def prove_norms(arch: Architecture, model: nn.Module) -> Architecture:
     )
 
 
-def stock_classes(config) -> dict:
-    """Names of the stock classes for ``config.model_type`` (transformers' own, or the checkpoint's custom code)."""
-    from transformers.models.auto import configuration_auto, modeling_auto
+def stock_classes(config, built: str | None = None) -> dict:
+    """Names of the stock classes for ``config.model_type`` (transformers' own, or the checkpoint's custom code).
 
-    model_type = config.model_type
-    mappings = {
-        "AutoModel": modeling_auto.MODEL_MAPPING_NAMES,
-        "AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        "AutoModelForSequenceClassification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    }
-    if model_type in configuration_auto.CONFIG_MAPPING_NAMES:
-        classes = {"config": configuration_auto.CONFIG_MAPPING_NAMES[model_type]}
-        classes.update({auto: names[model_type] for auto, names in mappings.items() if model_type in names})
+    ``built`` is the class the model was built as: where that is the image-text model and the family's
+    causal-LM class is another one (Qwen3.5's text-only class), the Auto classes that would build a
+    different model from this config are left out.
+    """
+    classes = classes_for_type(config.model_type)
+    if classes:
+        if built is not None and built == classes.get("AutoModelForImageTextToText") != classes.get("AutoModelForCausalLM"):
+            classes = {auto: name for auto, name in classes.items()
+                       if auto in ("config", "AutoModel", "AutoModelForImageTextToText")}
         return classes
     # Custom code: auto_map entries look like "modeling_foo.FooForCausalLM" (or "repo--modeling_foo.Foo").
     auto_map = getattr(config, "auto_map", None) or {}
@@ -281,7 +344,7 @@ def stock_classes(config) -> dict:
 
 
 def detect_architecture(model: nn.Module, layers: str | None = None, norms: list[str] | None = None) -> Architecture:
-    """An Architecture for ``model`` (best built on the meta device), from inspection or from the user."""
+    """An Architecture for ``model`` from its data flow (``norms`` and ``layers`` from the user win)."""
     model_type = model.config.model_type
     layers_path = layers or find_layer_list(model)
     try:
@@ -299,14 +362,9 @@ def detect_architecture(model: nn.Module, layers: str | None = None, norms: list
         norms = list(distinct.pop()) if distinct else []
         if not norms:
             raise LNSError(
-                f"no norm feeds attention or the MLP in '{model_type}' blocks (post-norm or norm-free design): "
-                "LayerNorm Scaling needs pre-sublayer norms"
+                f"no norm of the '{model_type}' blocks reads the residual stream and feeds a sublayer (a post-norm "
+                "or norm-free design, or norms nested inside the sublayers): LayerNorm Scaling needs pre-sublayer norms"
             )
-        logger.warning(
-            "'%s' is not in the registry: detected layers '%s' and pre-sublayer norms %s. "
-            "Check them, or state them with --layers/--norms.",
-            model_type, layers_path, ", ".join(norms),
-        )
     first_block = block_list[0]
     for name in norms:
         try:
@@ -317,8 +375,7 @@ def detect_architecture(model: nn.Module, layers: str | None = None, norms: list
         model_type=model_type,
         layers=layers_path,
         norms=tuple(norms),
-        norm_kind="output",
-        classes=stock_classes(model.config),
+        classes=stock_classes(model.config, type(model).__name__),
         detected=True,
     )
-    return prove_norms(dataclasses.replace(arch, norm_kind=""), model)
+    return prove_norms(arch, model)

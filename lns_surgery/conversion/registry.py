@@ -1,8 +1,9 @@
-"""The architecture registry: where LayerNorm Scaling acts in each supported model family.
+"""The architecture registry: reviewed layouts of the model families supported by name.
 
-The knowledge is data (``architectures.json``, shipped with the package); this module only loads and
-validates it. An entry whose transformers classes are missing from the installed transformers is
-left out, so the registry always describes what this installation can build.
+The knowledge is data (``architectures.json``, shipped with the package): a default layout and, per
+family, only what differs from it. This module loads and validates it. The stock classes come from
+the installed transformers' auto mappings, so a family this transformers does not have is left out;
+how each norm computes is proven on the model at conversion time, never stored.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from importlib import resources
 from lns_surgery.errors import LNSError
 from lns_surgery.modeling.lns_layers import NORM_KINDS, canonical_kind
 
-AUTO_CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification")
+AUTO_CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForSequenceClassification")
+GENERATIVE_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText")  # the first one present is built
+
+
+def primary_auto_class(classes: dict) -> str | None:
+    """The Auto class a checkpoint of this family is built and named with (causal LM, else image-text)."""
+    return next((auto for auto in GENERATIVE_AUTO_CLASSES if auto in classes), None)
 
 
 @dataclass(frozen=True)
@@ -29,8 +36,13 @@ class Architecture:
     classes: dict = field(default_factory=dict)  # "config" and Auto class name -> stock class name
     refuse: str | None = None  # why this architecture cannot be converted
     detected: bool = False  # found by inspection rather than read from the registry
+    untraceable: str | None = None  # why the layout is trusted although tracing cannot confirm it
     fold_rule: str | None = None  # how the scale folds into the norm weights (proven on the model), if it can
     norm_classes: tuple[str, ...] = ()  # the norm classes the form and the fold rule were proven on
+
+    @property
+    def primary_class(self) -> str:
+        return self.classes[primary_auto_class(self.classes)]
 
     def __post_init__(self):
         if self.refuse:
@@ -42,8 +54,8 @@ class Architecture:
             problems.append(f"'norms' must name distinct norms, got {list(self.norms)}")
         if self.norm_kind and canonical_kind(self.norm_kind) not in NORM_KINDS:
             problems.append(f"'norm_kind' {self.norm_kind!r} is not one of {', '.join(NORM_KINDS)}")
-        if "config" not in self.classes or "AutoModelForCausalLM" not in self.classes:
-            problems.append("'classes' must name at least 'config' and 'AutoModelForCausalLM'")
+        if "config" not in self.classes or primary_auto_class(self.classes) is None:
+            problems.append("'classes' must name at least 'config' and 'AutoModelForCausalLM' or 'AutoModelForImageTextToText'")
         unknown = set(self.classes) - {"config", *AUTO_CLASSES}
         if unknown:
             problems.append(f"'classes' has unknown keys {sorted(unknown)}")
@@ -78,38 +90,45 @@ def _tool_version() -> str:
         return "unknown"
 
 
-@functools.cache
-def _transformers_names() -> frozenset:
-    import transformers
+def classes_for_type(model_type: str) -> dict:
+    """``{"config": ..., Auto class: stock class}`` from the installed transformers' auto mappings."""
+    from transformers.models.auto import configuration_auto, modeling_auto
 
-    return frozenset(dir(transformers))  # the lazy module lists its names without importing the models
-
-
-def _class_exists(name: str) -> bool:
-    return name in _transformers_names()
+    mappings = {
+        "AutoModel": modeling_auto.MODEL_MAPPING_NAMES,
+        "AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        "AutoModelForImageTextToText": modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        "AutoModelForSequenceClassification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    }
+    if model_type not in configuration_auto.CONFIG_MAPPING_NAMES:
+        return {}
+    classes = {"config": configuration_auto.CONFIG_MAPPING_NAMES[model_type]}
+    classes.update({auto: names[model_type] for auto, names in mappings.items() if model_type in names})
+    return classes
 
 
 def parse_registry(document: dict) -> dict[str, Architecture]:
     """Validate a registry document and keep what the installed transformers can build."""
-    if document.get("schema_version") != 1 or not isinstance(document.get("architectures"), dict):
-        raise ValueError("architecture registry: expected schema_version 1 and an 'architectures' mapping")
+    if document.get("schema_version") != 2 or not isinstance(document.get("architectures"), dict):
+        raise ValueError("architecture registry: expected schema_version 2 and an 'architectures' mapping")
+    default = document.get("default", {})
     registry = {}
     for model_type, entry in document["architectures"].items():
-        allowed = {"layers", "norms", "norm_kind", "classes", "refuse"}
+        allowed = {"layers", "norms", "refuse", "untraceable"}
         if not isinstance(entry, dict) or set(entry) - allowed:
             raise ValueError(f"architecture {model_type!r}: unknown keys {sorted(set(entry) - allowed)}")
         if "refuse" in entry:
             registry[model_type] = Architecture(model_type=model_type, refuse=entry["refuse"])
             continue
-        classes = {key: name for key, name in entry.get("classes", {}).items() if _class_exists(name)}
-        if "config" not in classes or "AutoModelForCausalLM" not in classes:
+        classes = classes_for_type(model_type)
+        if primary_auto_class(classes) is None:
             continue  # this transformers does not have the family
         registry[model_type] = Architecture(
             model_type=model_type,
-            layers=entry.get("layers", ""),
-            norms=tuple(entry.get("norms", ())),
-            norm_kind=entry.get("norm_kind", ""),
+            layers=entry.get("layers", default.get("layers", "")),
+            norms=tuple(entry.get("norms", default.get("norms", ()))),
             classes=classes,
+            untraceable=entry.get("untraceable"),
         )
     return registry
 
@@ -137,17 +156,17 @@ def lookup(model_type: str) -> Architecture | None:
 
 
 def architecture_table(plain: bool = False) -> str:
-    """The registry as the README's Markdown table (or aligned plain text), from the data file itself."""
+    """The registry as the README's Markdown table (or aligned plain text)."""
     rows = []
-    for model_type, entry in _registry_document()["architectures"].items():
-        if "refuse" in entry:
-            rows.append((model_type, "-", "-", "refused: " + entry["refuse"]))
+    for model_type, arch in load_registry().items():
+        if arch.refuse:
+            rows.append((model_type, "-", "-", "refused: " + arch.refuse))
         else:
-            rows.append((model_type, entry["layers"], ", ".join(entry["norms"]), entry["norm_kind"]))
-    header = ("model_type", "layers", "scaled norms", "norm kind")
+            rows.append((model_type, arch.layers, ", ".join(arch.norms), "not traceable: " + arch.untraceable if arch.untraceable else ""))
+    header = ("model_type", "layers", "scaled norms", "note")
     if plain:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
-        return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row[:3], widths)), row[3]]) for row in [header, *rows])
+        return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row[:3], widths)), row[3]]).rstrip() for row in [header, *rows])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(f"`{cell}`" if i < 3 and cell != "-" else cell for i, cell in enumerate(row)) + " |" for row in rows]
     return "\n".join(lines)

@@ -309,6 +309,14 @@ class LayerNormScalingMixin:
     def set_lns_alpha(self, alpha: float) -> None:
         set_alpha(self, alpha)
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers skips initialising a module of custom code whose own tensors are all loaded,
+        # because remote code may write weights in place. These classes initialise with the stock
+        # class's own _init_weights, and the shortcut would leave buffers that a parent module fills
+        # (Falcon-H1's mup_vector, set from FalconH1Model) as uninitialised memory.
+        return False
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):

@@ -1,0 +1,147 @@
+"""The whole zoo: every causal-LM and image-text-to-text ``model_type`` of the installed transformers.
+
+Each tiny model (tests/zoo_models.py) is saved, converted in code mode and in fold mode, loaded back
+(code mode through the checkpoint's own code, fold mode as the stock class) and compared with an
+independent reference: the stock model with forward hooks that multiply the outputs of the norms
+named in ``zoo_expectations.json`` by 1/sqrt(l). The expectations file is the reviewed record of
+every outcome: exact (with the block list, the scaled norms and whether folding is possible), or
+refused (with the reason), or not buildable tiny (zoo_models.UNBUILDABLE). Any change of outcome
+fails; refresh the file with ``python tests/test_zoo.py --write [model_type ...]`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo_models
+
+EXPECTATIONS = Path(__file__).with_name("zoo_expectations.json")
+TOLERANCE = 1e-4  # fp32 logits; code mode is usually bit-exact, folding rounds the norm weights once
+ACTIVE = 1e-4  # the scaling must move the logits by more than this
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits.float()
+
+
+def hooked_logits(model, layers: str, norms, inputs) -> torch.Tensor:
+    """The reference: block l's named norms have their outputs multiplied by 1/sqrt(l)."""
+    handles = []
+    for index, block in enumerate(model.get_submodule(layers)):
+        for name in norms:
+            scale = 1.0 / math.sqrt(index + 1)
+            handles.append(block.get_submodule(name).register_forward_hook(lambda m, a, out, s=scale: out * s))
+    try:
+        return _logits(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def convert_one(model_type: str, workdir: Path) -> dict:
+    """Convert one tiny model both ways; the outcome, and the logits of everything that loaded."""
+    import transformers
+
+    import lns_surgery
+
+    stock, auto_name = zoo_models.build_tiny(model_type)
+    stock.save_pretrained(workdir / "stock")
+    auto = getattr(transformers, auto_name)
+    try:
+        lns_surgery.convert(workdir / "stock", workdir / "lns")
+    except lns_surgery.LNSError as exc:
+        return {"outcome": "refused", "reason": str(exc)}
+    lns = json.loads((workdir / "lns" / "config.json").read_text())["lns"]
+    outcome = {"outcome": "exact", "layers": lns["layers"], "norms": lns["norms"]}
+    loaded = {"code": auto.from_pretrained(workdir / "lns", trust_remote_code=True, dtype=torch.float32).eval()}
+    try:
+        lns_surgery.convert(workdir / "stock", workdir / "folded", mode="fold")
+        loaded["fold"] = auto.from_pretrained(workdir / "folded", dtype=torch.float32).eval()
+    except lns_surgery.LNSError as exc:
+        outcome["fold_refusal"] = str(exc)
+    outcome["fold"] = "fold" in loaded
+    return {**outcome, "stock": stock, "auto": auto_name, "loaded": loaded}
+
+
+def _recorded(result: dict) -> dict:
+    return {key: value for key, value in result.items() if key not in {"stock", "auto", "loaded"}}
+
+
+def _expectations() -> dict:
+    return json.loads(EXPECTATIONS.read_text()) if EXPECTATIONS.exists() else {}
+
+
+BUILDABLE = [t for t in zoo_models.ZOO_TYPES if t not in zoo_models.UNBUILDABLE]
+
+
+def test_every_type_has_an_expectation_and_unbuildable_ones_say_why():
+    expected = _expectations()
+    missing = sorted(set(BUILDABLE) - set(expected))
+    assert not missing, f"no recorded outcome for {missing}: run python tests/test_zoo.py --write and review it"
+    assert all(reason.strip() for reason in zoo_models.UNBUILDABLE.values())
+    counts = {}
+    for record in expected.values():
+        counts[record["outcome"]] = counts.get(record["outcome"], 0) + 1
+    print(f"\nzoo: {counts.get('exact', 0)} converted exactly, {counts.get('refused', 0)} refused, "
+          f"{len(zoo_models.UNBUILDABLE)} not buildable tiny, of {len(zoo_models.ZOO_TYPES)} types")
+
+
+@pytest.mark.parametrize("model_type", BUILDABLE)
+def test_zoo_type_is_exact_or_refused_as_recorded(model_type, tmp_path):
+    expected = _expectations().get(model_type)
+    if expected is None:
+        pytest.fail(f"no recorded outcome for {model_type}")
+    result = convert_one(model_type, tmp_path)
+    assert _recorded(result) == expected
+    if result["outcome"] != "exact":
+        assert "\n" not in result["reason"]  # one readable line
+        return
+    stock = result["stock"]
+    runs = [zoo_models.make_inputs(stock, result["auto"])]
+    image = zoo_models.make_inputs(stock, result["auto"], with_image=True)
+    if image is not None:
+        runs.append(image)
+    # The stock checkpoint itself must load back as the model that wrote it, or nothing can be compared.
+    reloaded = getattr(__import__("transformers"), result["auto"]).from_pretrained(tmp_path / "stock", dtype=torch.float32).eval()
+    assert torch.equal(_logits(reloaded, runs[0]), _logits(stock, runs[0])), "the stock save/load round trip changes the model"
+    for inputs in runs:
+        base = _logits(stock, inputs)
+        reference = hooked_logits(stock, expected["layers"], expected["norms"], inputs)
+        assert (reference - base).abs().max().item() > ACTIVE, "the scaling must be active"
+        for mode, model in result["loaded"].items():
+            diff = (_logits(model, inputs) - reference).abs().max().item()
+            assert diff <= TOLERANCE, f"{mode} mode differs from the reference by {diff:.3g}"
+    assert set(result["loaded"]) == ({"code", "fold"} if expected["fold"] else {"code"})
+
+
+def write_expectations(only=()) -> None:
+    """Record the current outcome of every buildable type, or of ``only`` (review the diff before committing it)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    recorded = {key: value for key, value in _expectations().items() if key in BUILDABLE} if only else {}
+    for model_type in only or BUILDABLE:
+        with tempfile.TemporaryDirectory() as workdir:
+            try:
+                recorded[model_type] = _recorded(convert_one(model_type, Path(workdir)))
+            except Exception as exc:  # a crash is recorded so the review sees it
+                recorded[model_type] = {"outcome": "error", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        print(model_type, recorded[model_type]["outcome"], recorded[model_type].get("reason", ""), flush=True)
+    EXPECTATIONS.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--write"]:
+        sys.exit("usage: python tests/test_zoo.py --write [model_type ...]")
+    write_expectations(sys.argv[2:])
