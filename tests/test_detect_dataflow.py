@@ -111,3 +111,43 @@ def test_the_stand_in_is_removed_after_tracing():
     assert "forward" not in vars(model.layers[0].moe)
     with pytest.raises(RuntimeError, match="meta"):
         model(torch.ones(1, 4, dtype=torch.long, device="meta"))
+
+
+def test_a_registry_family_whose_config_adds_a_pre_norm_is_converted_with_it(tmp_path):
+    """Gemma 4's mixture-of-experts variant feeds its experts through a third pre-norm: the data flow
+    finds it, the registry knows that variant, and the result equals the hook reference on all three."""
+    import json
+
+    from test_zoo import hooked_logits
+    from transformers import AutoModelForCausalLM
+
+    import lns_surgery
+    import zoo_models
+
+    config = zoo_models.tiny_config("gemma4_text")
+    config.enable_moe_block, config.num_experts, config.top_k_experts, config.moe_intermediate_size = True, 4, 2, 32
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(config).eval()
+    zoo_models.perturb_norms(stock)
+    stock.save_pretrained(tmp_path / "stock")
+    lns_surgery.convert(tmp_path / "stock", tmp_path / "lns")
+    norms = json.loads((tmp_path / "lns" / "config.json").read_text())["lns"]["norms"]
+    assert norms == ["input_layernorm", "pre_feedforward_layernorm", "pre_feedforward_layernorm_2"]
+    inputs = zoo_models.make_inputs(stock, "AutoModelForCausalLM")
+    reference = hooked_logits(stock, "model.layers", norms, inputs)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "lns", trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert (loaded(**inputs).logits - reference).abs().max() <= 1e-5
+
+
+def test_a_registry_layout_the_data_flow_contradicts_is_refused(monkeypatch):
+    import dataclasses
+
+    from tiny_models import tiny_model
+
+    from lns_surgery.conversion import apply, registry
+
+    wrong = dataclasses.replace(registry.lookup("llama"), norms=("input_layernorm",))
+    monkeypatch.setattr(apply, "lookup", lambda model_type: wrong)
+    with pytest.raises(LNSError, match=r"data flow shows .* \['input_layernorm', 'post_attention_layernorm'\], not the registry"):
+        apply.architecture_for_model(tiny_model("llama"))

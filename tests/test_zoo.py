@@ -6,7 +6,8 @@ independent reference: the stock model with forward hooks that multiply the outp
 named in ``zoo_expectations.json`` by 1/sqrt(l). The expectations file is the reviewed record of
 every outcome: exact (with the block list, the scaled norms and whether folding is possible), or
 refused (with the reason), or not buildable tiny (zoo_models.UNBUILDABLE). Any change of outcome
-fails; refresh the file with ``python tests/test_zoo.py --write [model_type ...]`` and review the diff.
+fails; refresh the file (and the README's table) with ``python tests/test_zoo.py --write [model_type ...]``
+and review the diff.
 """
 
 from __future__ import annotations
@@ -122,6 +123,41 @@ def test_zoo_type_is_exact_or_refused_as_recorded(model_type, tmp_path):
     assert set(result["loaded"]) == ({"code", "fold"} if expected["fold"] else {"code"})
 
 
+def zoo_table() -> str:
+    """The README's per-family results: how each family is converted (from the registry or from its
+    data flow; code and fold mode, or code only) or why it is refused, from the recorded outcomes."""
+    from lns_surgery.conversion.registry import load_registry
+
+    registry = load_registry()
+    rows = ["| model_type | layout from | layers | scaled norms | modes |", "|---|---|---|---|---|"]
+    refused = ["| model_type | why it is refused |", "|---|---|"]
+    for model_type, record in sorted(_expectations().items()):
+        if record["outcome"] == "exact":
+            origin = "registry" if model_type in registry else "data flow"
+            modes = "code, fold" if record["fold"] else "code only"
+            rows.append(f"| `{model_type}` | {origin} | `{record['layers']}` | {', '.join(record['norms'])} | {modes} |")
+        else:
+            refused.append(f"| `{model_type}` | {record['reason'].replace('|', '/')} |")
+    unbuildable = ", ".join(f"`{name}`" for name in sorted(zoo_models.UNBUILDABLE))
+    return "\n".join([*rows, "", "Refused, each with its one-line reason:", "", *refused, "",
+                      f"Not testable tiny here ({len(zoo_models.UNBUILDABLE)}): {unbuildable}."])
+
+
+def test_readme_zoo_table_is_current():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start, end = readme.index("<!-- zoo:start -->"), readme.index("<!-- zoo:end -->")
+    assert readme[start:end].split("\n", 1)[1].strip() == zoo_table().strip(), (
+        "README zoo table is stale: regenerate it with python tests/test_zoo.py --readme"
+    )
+
+
+def write_readme_table() -> None:
+    path = Path(__file__).parent.parent / "README.md"
+    readme = path.read_text()
+    start, end = readme.index("<!-- zoo:start -->"), readme.index("<!-- zoo:end -->")
+    path.write_text(readme[:start] + "<!-- zoo:start -->\n" + zoo_table() + "\n" + readme[end:])
+
+
 def write_expectations(only=()) -> None:
     """Record the current outcome of every buildable type, or of ``only`` (review the diff before committing it)."""
     import logging
@@ -142,6 +178,10 @@ def write_expectations(only=()) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["--write"]:
-        sys.exit("usage: python tests/test_zoo.py --write [model_type ...]")
-    write_expectations(sys.argv[2:])
+    if sys.argv[1:] == ["--readme"]:
+        write_readme_table()
+    elif sys.argv[1:2] == ["--write"]:
+        write_expectations(sys.argv[2:])
+        write_readme_table()
+    else:
+        sys.exit("usage: python tests/test_zoo.py --write [model_type ...] | --readme")

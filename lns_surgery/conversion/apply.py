@@ -43,7 +43,7 @@ def architecture_for_model(model: nn.Module, layers: str | None = None, norms: l
                 model.config.model_type, detected.layers, ", ".join(detected.norms),
             )
         return detected
-    if (detected.layers, detected.norms) != (arch.layers, arch.norms):
+    if detected.layers != arch.layers or detected.norms not in (arch.norms, arch.moe_norms):
         raise LNSError(
             f"this '{arch.model_type}' model's data flow shows layers '{detected.layers}' with pre-sublayer norms "
             f"{list(detected.norms)}, not the registry's '{arch.layers}' with {list(arch.norms)}; "

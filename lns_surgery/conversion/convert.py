@@ -79,8 +79,9 @@ def architecture_for_checkpoint(
 ):
     """(Architecture, transformers config, stock model on the meta device) for a stock checkpoint.
 
-    The layout is the registry's entry when there is one, otherwise what inspection finds; either way
-    the norm form and the fold rule are proven on the model's own norm classes.
+    The layout is what the model's data flow shows, checked against the registry where the family is
+    in it (see ``architecture_for_model``); the norm form and the fold rule are proven on the model's
+    own norm classes.
     """
     from lns_surgery.conversion.apply import architecture_for_model
 

@@ -99,12 +99,10 @@ class _DataFlow(TorchFunctionMode):
             # get a fixed answer: they choose a code path, and the data flow is what is traced.
             return _META_ANSWERS[func](args[0])
         result = func(*args, **kwargs)
-        name = getattr(func, "__name__", "").strip("_")
-        if name.startswith("i") and name[1:] in _CARRYING:  # __iadd__, __imul__, ...
-            name = name[1:]
-        if name.rstrip("_") not in _CARRYING:
+        name, writes_first_argument = _operation(func)
+        if name not in _CARRYING:
             return result
-        if name.rstrip("_") in _SCALING:
+        if name in _SCALING:
             labelled = [leaf for leaf in tree_flatten((args, kwargs))[0]
                         if isinstance(leaf, torch.Tensor) and self.labels.get(id(leaf))]
             if len(labelled) > 1:  # a product of two data tensors (a gate) is new data
@@ -112,9 +110,21 @@ class _DataFlow(TorchFunctionMode):
         labels = self.of((args, kwargs))
         if labels:
             self.set(result, labels)
-            if args and (name.endswith("_") or name == "setitem" or getattr(func, "__name__", "").startswith("__i")):
+            if writes_first_argument and args:
                 self.set(args[0], labels)
         return result
+
+
+def _operation(func) -> tuple[str, bool]:
+    """An operation's base name (``add_``, ``__iadd__`` and ``torch.add`` are all ``add``) and whether
+    it writes into its first argument."""
+    raw = getattr(func, "__name__", "")
+    name = raw.strip("_")
+    augmented = raw.startswith("__i") and name[1:] in _CARRYING  # __iadd__, __imul__, ...
+    if augmented:
+        name = name[1:]
+    in_place = augmented or name == "setitem" or (raw.endswith("_") and not raw.endswith("__"))
+    return name, in_place
 
 
 # Operations whose output carries its inputs' data unchanged (by name, so methods, functions and

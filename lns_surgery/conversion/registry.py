@@ -37,6 +37,7 @@ class Architecture:
     refuse: str | None = None  # why this architecture cannot be converted
     detected: bool = False  # found by inspection rather than read from the registry
     untraceable: str | None = None  # why the layout is trusted although tracing cannot confirm it
+    moe_norms: tuple[str, ...] = ()  # the norms of the family's mixture-of-experts variant, if it has other ones
     fold_rule: str | None = None  # how the scale folds into the norm weights (proven on the model), if it can
     norm_classes: tuple[str, ...] = ()  # the norm classes the form and the fold rule were proven on
 
@@ -114,7 +115,7 @@ def parse_registry(document: dict) -> dict[str, Architecture]:
     default = document.get("default", {})
     registry = {}
     for model_type, entry in document["architectures"].items():
-        allowed = {"layers", "norms", "refuse", "untraceable"}
+        allowed = {"layers", "norms", "moe_norms", "refuse", "untraceable"}
         if not isinstance(entry, dict) or set(entry) - allowed:
             raise ValueError(f"architecture {model_type!r}: unknown keys {sorted(set(entry) - allowed)}")
         if "refuse" in entry:
@@ -129,6 +130,7 @@ def parse_registry(document: dict) -> dict[str, Architecture]:
             norms=tuple(entry.get("norms", default.get("norms", ()))),
             classes=classes,
             untraceable=entry.get("untraceable"),
+            moe_norms=tuple(entry.get("moe_norms", ())),
         )
     return registry
 
@@ -162,7 +164,10 @@ def architecture_table(plain: bool = False) -> str:
         if arch.refuse:
             rows.append((model_type, "-", "-", "refused: " + arch.refuse))
         else:
-            rows.append((model_type, arch.layers, ", ".join(arch.norms), "not traceable: " + arch.untraceable if arch.untraceable else ""))
+            note = "not traceable: " + arch.untraceable if arch.untraceable else ""
+            if arch.moe_norms:
+                note = "mixture-of-experts variant: " + ", ".join(arch.moe_norms)
+            rows.append((model_type, arch.layers, ", ".join(arch.norms), note))
     header = ("model_type", "layers", "scaled norms", "note")
     if plain:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
