@@ -85,3 +85,16 @@ def invoke_cli(*args: str):
 
     result = CliRunner().invoke(main, list(args), catch_exceptions=False)
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The zoo's outcome counts, whenever the zoo test ran."""
+    reports = [r for key in ("passed", "failed") for r in terminalreporter.stats.get(key, [])]
+    if any("test_zoo.py::test_zoo_type" in getattr(r, "nodeid", "") for r in reports):
+        from test_zoo import zoo_counts
+
+        counts = zoo_counts()
+        terminalreporter.write_line(
+            f"zoo: {counts['exact']} converted exactly, {counts['refused']} refused, "
+            f"{counts['not buildable']} not buildable tiny, of {counts['types']} model types"
+        )

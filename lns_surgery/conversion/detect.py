@@ -365,9 +365,10 @@ def detect_architecture(model: nn.Module, layers: str | None = None, norms: list
         per_block = find_pre_norms(model, layers_path)
         distinct = {tuple(names) for names in per_block}
         if len(distinct) > 1:
+            kinds = "; ".join(sorted({f"{type(block).__name__} {list(names) or 'none'}" for block, names in zip(block_list, per_block)}))
             raise LNSError(
-                f"the blocks of '{model_type}' have different pre-sublayer norms ({sorted(distinct)}); "
-                "state the norms with --norms"
+                f"the '{model_type}' blocks do not share their pre-sublayer norms ({kinds}); one set of norms "
+                "for every block is all a checkpoint can record: state the norms with --norms"
             )
         norms = list(distinct.pop()) if distinct else []
         if not norms:
