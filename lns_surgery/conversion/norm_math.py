@@ -18,6 +18,7 @@ from lns_surgery.modeling.lns_layers import (
     PROBE_TOLERANCE,
     cpu_probe,
     norm_width,
+    probe_attributes,
     probe_input,
     stock_class,
 )
@@ -44,7 +45,7 @@ def fold_rule(module: nn.Module) -> str | None:
     width = norm_width(module)
     if not names or width is None:
         return None
-    key = (stock_class(module), width, tuple(names))
+    key = (stock_class(module), width, tuple(names), probe_attributes(module))
     if key not in _PROVEN:
         _PROVEN[key] = next((rule for rule in FOLD_RULES if _rule_is_exact(module, rule, width)), None)
     return _PROVEN[key]

@@ -7,7 +7,8 @@ Block l (counted from 1) of a Pre-LN decoder computes
 
 This file ships verbatim inside every LNS checkpoint (next to ``configuration_lns.py`` and
 ``modeling_lns.py``) and is also what lns-surgery itself runs, so it imports only torch and
-transformers and keeps no state outside the modules it touches.
+transformers and keeps no state outside the modules it touches, apart from a cache of the proofs
+about norm classes.
 
 How the scale is applied: each targeted norm module keeps its class's parameters (same names,
 shapes and state-dict keys) and is given a subclass whose forward multiplies the norm's *effective
@@ -16,9 +17,11 @@ That is the same function, with the same gradient, as scaling the norm's output,
 multiply over a hidden-size vector instead of a pass over the activations. Such a weight form is
 used only once a CPU copy of that norm class has shown it equals ``c * stock_forward(x)`` (fp32,
 random weights and inputs, milliseconds); any other norm, including classes nobody has seen, gets
-the ``output`` form: its own stock forward followed by a multiply, which is exact by construction. The scale is a plain
-Python float recomputed from the layer index whenever the model is built, so nothing can wipe it:
-meta-device init, ``to_empty``, ``.to(dtype)``, ``deepcopy`` and PEFT's module copies all keep it.
+the ``output`` form: its own stock forward followed by a multiply, exact by construction.
+
+The scale is a plain Python float recomputed from the layer index whenever the model is built, so
+nothing can wipe it: meta-device init, ``to_empty``, ``.to(dtype)``, ``deepcopy`` and PEFT's module
+copies all keep it.
 """
 
 from __future__ import annotations
@@ -154,7 +157,7 @@ def weight_form_is_exact(module: nn.Module, kind: str) -> bool:
     width = norm_width(module)
     if width is None or kind not in _FORWARDS:
         return False
-    key = (stock_class(module), kind, width, _probe_attributes(module))
+    key = (stock_class(module), kind, width, probe_attributes(module))
     if key not in _PROVEN:
         _PROVEN[key] = _prove(module, kind, width)
     return _PROVEN[key]
@@ -163,10 +166,11 @@ def weight_form_is_exact(module: nn.Module, kind: str) -> bool:
 _PROVEN: dict = {}
 
 
-def _probe_attributes(module: nn.Module) -> tuple:
-    # Plain attributes (eps, flags such as with_scale) change a norm's math: part of the cache key.
-    return tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str, tuple))
-                        and k not in {"training", "lns_scale"}))
+def probe_attributes(module: nn.Module) -> tuple:
+    """A norm's plain attributes (eps, flags such as with_scale), which can change its math: part of
+    every cache key of a proof about its class."""
+    return tuple(sorted((k, repr(v)) for k, v in vars(module).items()
+                        if isinstance(v, (bool, int, float, str, tuple)) and k not in {"training", "lns_scale"}))
 
 
 def _prove(module: nn.Module, kind: str, width: int) -> bool:
