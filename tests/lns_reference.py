@@ -20,9 +20,9 @@ EXPECTED_LAYOUT = {
 
 
 @contextlib.contextmanager
-def hooked_reference(model, model_type: str, alpha: float = 1.0):
-    """Within the block, ``model`` (a stock model) computes LayerNorm Scaling through output hooks."""
-    layers_path, norms = EXPECTED_LAYOUT[model_type]
+def hooked_layout(model, layers_path: str, norms, alpha: float = 1.0):
+    """Within the block, ``model`` (a stock model) computes LayerNorm Scaling through output hooks on
+    the named norms of every block in ``layers_path``."""
     handles = []
     for index, block in enumerate(model.get_submodule(layers_path)):
         scale = 1.0 + alpha * (1.0 / math.sqrt(index + 1) - 1.0)
@@ -33,3 +33,9 @@ def hooked_reference(model, model_type: str, alpha: float = 1.0):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def hooked_reference(model, model_type: str, alpha: float = 1.0):
+    """``hooked_layout`` with the documented layout of ``model_type``."""
+    layers_path, norms = EXPECTED_LAYOUT[model_type]
+    return hooked_layout(model, layers_path, norms, alpha)

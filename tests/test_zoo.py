@@ -13,13 +13,13 @@ and review the diff.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from lns_reference import hooked_layout
 
 import zoo_models
 
@@ -35,16 +35,8 @@ def _logits(model, inputs):
 
 def hooked_logits(model, layers: str, norms, inputs) -> torch.Tensor:
     """The reference: block l's named norms have their outputs multiplied by 1/sqrt(l)."""
-    handles = []
-    for index, block in enumerate(model.get_submodule(layers)):
-        for name in norms:
-            scale = 1.0 / math.sqrt(index + 1)
-            handles.append(block.get_submodule(name).register_forward_hook(lambda m, a, out, s=scale: out * s))
-    try:
+    with hooked_layout(model, layers, norms):
         return _logits(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def convert_one(model_type: str, workdir: Path) -> dict:

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from lns_surgery.conversion import checkpoint
-from lns_surgery.conversion.registry import Architecture, lookup, primary_auto_class
+from lns_surgery.conversion.registry import lookup, primary_auto_class
 from lns_surgery.errors import LNSError
 from lns_surgery.modeling import lns_layers
 
@@ -59,10 +59,11 @@ def build_on_meta(config, trust_remote_code: bool = False):
 def generative_class(config):
     """The transformers class to build for a stock config, or None for custom code."""
     import transformers
-    from transformers.models.auto import modeling_auto
 
-    causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
-    image_text = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
+    from lns_surgery.conversion.registry import classes_for_type
+
+    classes = classes_for_type(config.model_type)
+    causal, image_text = classes.get("AutoModelForCausalLM"), classes.get("AutoModelForImageTextToText")
     named = (getattr(config, "architectures", None) or [None])[0]
     for name in (named if named in (causal, image_text) else None, causal, image_text):
         if name and hasattr(transformers, name):

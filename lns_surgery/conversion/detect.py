@@ -299,11 +299,6 @@ def find_pre_norms(model: nn.Module, layers_path: str) -> list[list[str]]:
     return [classify_block_norms(block, trace, layers_path, i) for i, (block, trace) in enumerate(zip(blocks, traces))]
 
 
-def norm_kind(module: nn.Module, preferred: str | None = None) -> str:
-    """The form LNS scales this norm with: a weight form proven on a CPU copy of its class, else ``output``."""
-    return exact_kind(module, preferred)
-
-
 def prove_norms(arch: Architecture, model: nn.Module) -> Architecture:
     """``arch`` with the norm form and fold rule proven on this model's own norm classes.
 
@@ -321,7 +316,7 @@ def prove_norms(arch: Architecture, model: nn.Module) -> Architecture:
                     f"block {index} ({type(block).__name__}) of '{arch.layers}' has no norm '{name}'; "
                     "state the norms of every block with --norms"
                 ) from None
-    kinds = {norm_kind(module, arch.norm_kind or None) for module in modules}
+    kinds = {exact_kind(module, arch.norm_kind or None) for module in modules}
     rules = {fold_rule(module) for module in modules}
     return dataclasses.replace(
         arch,

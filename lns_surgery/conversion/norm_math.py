@@ -15,11 +15,11 @@ from torch import nn
 
 from lns_surgery.modeling.lns_layers import (
     PROBE_SCALE,
-    PROBE_TOLERANCE,
     cpu_probe,
     norm_width,
     probe_attributes,
     probe_input,
+    probe_matches,
     stock_class,
 )
 
@@ -60,6 +60,6 @@ def _rule_is_exact(module: nn.Module, rule: str, width: int) -> bool:
             for name, parameter in probe.named_parameters(recurse=False):
                 parameter.copy_(fold_tensor(rule, name, parameter, PROBE_SCALE))
             actual = probe(x)
-        return bool(actual.shape == expected.shape and torch.allclose(actual, expected, **PROBE_TOLERANCE))
+        return probe_matches(actual, expected)
     except Exception:  # a rule that does not run on this class does not fit it
         return False
