@@ -37,11 +37,7 @@ def architecture_for_model(model: nn.Module, layers: str | None = None, norms: l
     detected = detect_architecture(model, layers=layers, norms=norms)
     if arch is None:
         if layers is None and norms is None:
-            logger.warning(
-                "'%s' is not in the registry: its data flow shows layers '%s' and pre-sublayer norms %s. "
-                "Check them, or state them with --layers/--norms.",
-                model.config.model_type, detected.layers, ", ".join(detected.norms),
-            )
+            warn_unregistered(detected)
         return detected
     if detected.layers != arch.layers or detected.norms not in (arch.norms, arch.moe_norms):
         raise LNSError(
@@ -50,6 +46,15 @@ def architecture_for_model(model: nn.Module, layers: str | None = None, norms: l
             "state the layout with --layers/--norms"
         )
     return dataclasses.replace(detected, detected=False)
+
+
+def warn_unregistered(arch: Architecture) -> None:
+    """The layout of a family the registry does not know was found by tracing: say so, so it gets checked."""
+    logger.warning(
+        "'%s' is not in the registry: its data flow shows layers '%s' and pre-sublayer norms %s. "
+        "Check them, or state them with --layers/--norms.",
+        arch.model_type, arch.layers, ", ".join(arch.norms),
+    )
 
 
 def is_lns_model(model: nn.Module) -> bool:

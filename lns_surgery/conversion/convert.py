@@ -6,10 +6,12 @@ writes a new config plus the LNS code; fold mode copies them and rewrites only t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
-from lns_surgery.conversion import checkpoint
+from lns_surgery.conversion import checkpoint, plan_cache
+from lns_surgery.conversion.apply import warn_unregistered
 from lns_surgery.conversion.registry import lookup, primary_auto_class
 from lns_surgery.errors import LNSError
 from lns_surgery.modeling import lns_layers
@@ -92,6 +94,36 @@ def architecture_for_checkpoint(
         raise LNSError("the checkpoint's custom code lives in another repository; download it beside the weights first")
     model = build_on_meta(config, trust_remote_code)
     return architecture_for_model(model, layers, norms), config, model
+
+
+def conversion_plan(
+    folder: Path,
+    config_dict: dict,
+    tensors: dict | None,
+    trust_remote_code: bool = False,
+    layers: str | None = None,
+    norms: list[str] | None = None,
+    for_fold: bool = False,
+) -> plan_cache.Plan:
+    """Where LNS acts in this checkpoint, how many blocks it has and, for fold mode, which file tensors
+    hold the scaled norms: from the plan cache where an identical conversion was planned before, else
+    by building the model on the meta device, tracing it and proving its norms."""
+    lookup(config_dict["model_type"])  # refuses known post-norm families before anything is built
+    key = plan_cache.plan_key(config_dict, tensors, layers, norms)
+    plan = plan_cache.load(key)
+    if plan is not None and (not for_fold or plan.fold_tensors is not None or plan.fold_error):
+        if plan.arch.detected and layers is None and norms is None:
+            warn_unregistered(plan.arch)
+        return plan
+    arch, _, model = architecture_for_checkpoint(folder, config_dict, trust_remote_code, layers, norms)
+    plan = plan_cache.Plan(arch, len(lns_layers.resolve_layers(model, arch.layers)))
+    if for_fold and tensors is not None and arch.fold_rule:
+        try:
+            plan = dataclasses.replace(plan, fold_tensors=norm_tensors(model, arch.lns_block(), tensors))
+        except LNSError as exc:
+            plan = dataclasses.replace(plan, fold_error=str(exc))
+    plan_cache.store(key, plan)
+    return plan
 
 
 def _refuse_converted(config_dict: dict) -> None:
@@ -199,12 +231,14 @@ def convert(
     config_dict = checkpoint.read_config(folder)
     _refuse_converted(config_dict)
     tensors = checkpoint.weight_map(folder)
-    arch, config, model = architecture_for_checkpoint(folder, config_dict, trust_remote_code, layers, norms)
-    num_layers = len(lns_layers.resolve_layers(model, arch.layers))
+    plan = conversion_plan(folder, config_dict, tensors, trust_remote_code, layers, norms, for_fold=mode == "fold")
+    arch, num_layers = plan.arch, plan.num_layers
     lns = arch.lns_block(alpha, source=provenance)
     if mode == "fold":
         _check_foldable({**lns, "norm_classes": arch.norm_classes}, tensors)
-        per_block = norm_tensors(model, lns, tensors)
+        if plan.fold_error:
+            raise LNSError(plan.fold_error)
+        per_block = plan.fold_tensors
 
     with checkpoint.atomic_output_dir(out, overwrite) as staging:
         if mode == "code":
@@ -317,7 +351,7 @@ def inspect_checkpoint(
         lns = config_dict["lns_folded"]
         status, alpha, origin = "lns-folded", lns.get("alpha", 1.0), "checkpoint"
     else:
-        arch, _, _ = architecture_for_checkpoint(folder, config_dict, trust_remote_code, layers, norms)
+        arch = conversion_plan(folder, config_dict, None, trust_remote_code, layers, norms).arch
         lns = arch.lns_block(1.0)
         status, alpha, origin = "stock", 1.0, "detected" if arch.detected else "registry"
     num_layers = _num_layers_from_dict(config_dict)
