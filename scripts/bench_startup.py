@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _convert_seconds(root: Path, source: Path, out: Path, plan_cache: Path) -> float:
     env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", LNS_SURGERY_CACHE=str(plan_cache))
+    env.pop("LNS_SURGERY_PLAN_CACHE", None)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "lns_surgery", "convert", str(source), "--out", str(out)],
                    check=True, env=env, cwd=root, capture_output=True)

@@ -21,9 +21,9 @@ from lns_surgery.conversion import plan_cache
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    folder = tmp_path / "plans"
-    monkeypatch.setenv("LNS_SURGERY_CACHE", str(folder))
-    return folder
+    monkeypatch.setenv("LNS_SURGERY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LNS_SURGERY_PLAN_CACHE")
+    return tmp_path / "cache" / "plans"
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,7 @@ def test_everything_a_plan_depends_on_changes_its_key(stock, cache, monkeypatch)
     }
     monkeypatch.setattr(transformers, "__version__", transformers.__version__ + ".edited")
     variants["transformers version"] = _key(stock)
-    monkeypatch.undo()
-    monkeypatch.setenv("LNS_SURGERY_CACHE", str(cache))
+    monkeypatch.setattr(transformers, "__version__", transformers.__version__[: -len(".edited")])
     monkeypatch.setattr(plan_cache, "_file_digest", lambda path: "edited " + path.name)
     variants["modelling file"] = _key(stock)
     monkeypatch.setattr(plan_cache, "_tool_digest", lambda: "another lns-surgery")
@@ -98,7 +97,7 @@ def test_everything_a_plan_depends_on_changes_its_key(stock, cache, monkeypatch)
 def test_custom_code_and_a_disabled_cache_are_never_cached(stock, cache, monkeypatch):
     config = json.loads((stock / "config.json").read_text())
     assert _key(stock, config_dict={**config, "auto_map": {"AutoConfig": "configuration_x.XConfig"}}) is None
-    monkeypatch.setenv("LNS_SURGERY_CACHE", "off")
+    monkeypatch.setenv("LNS_SURGERY_PLAN_CACHE", "off")
     assert _key(stock) is None
 
 
@@ -113,7 +112,8 @@ def test_a_damaged_entry_is_recomputed(stock, cache, tmp_path):
 
 def test_a_warm_conversion_never_imports_the_modelling_code(stock, tmp_path):
     """The point of the cache: the second process has no modelling module of the family loaded."""
-    env = dict(os.environ, LNS_SURGERY_CACHE=str(tmp_path / "plans"))
+    env = {key: value for key, value in os.environ.items() if key != "LNS_SURGERY_PLAN_CACHE"}
+    env["LNS_SURGERY_CACHE"] = str(tmp_path / "cache")
     code = (
         "import sys, lns_surgery\n"
         "lns_surgery.convert(sys.argv[1], sys.argv[2])\n"

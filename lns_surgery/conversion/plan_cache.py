@@ -14,8 +14,8 @@ all of them:
 
 Anything else (a checkpoint with custom code, where the code files would have to be part of the key
 and run anyway) is never cached. Refusals are not cached: they are recomputed. A damaged or
-unreadable entry counts as a miss. ``LNS_SURGERY_CACHE`` names the folder, or ``off`` disables it;
-the default is ``$XDG_CACHE_HOME/lns-surgery/plans`` (``~/.cache/lns-surgery/plans``).
+unreadable entry counts as a miss. Plans live in ``plans/`` of the package's cache folder
+(``$LNS_SURGERY_CACHE``, else ``~/.cache/lns_surgery``); ``LNS_SURGERY_PLAN_CACHE=off`` turns it off.
 """
 
 from __future__ import annotations
@@ -48,13 +48,11 @@ class Plan:
 
 
 def cache_folder() -> Path | None:
-    setting = os.environ.get("LNS_SURGERY_CACHE", "")
-    if setting.lower() in ("off", "0", "false", "no"):
+    if os.environ.get("LNS_SURGERY_PLAN_CACHE", "").lower() in ("off", "0", "false", "no"):
         return None
-    if setting:
-        return Path(setting).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lns-surgery" / "plans"
+    from lns_surgery.conversion.builtin import cache_dir
+
+    return cache_dir() / "plans"
 
 
 def plan_key(config_dict: dict, tensor_names, layers: str | None, norms: list[str] | None) -> str | None:
