@@ -4,6 +4,9 @@
    LNS multiplies each scaled norm's weight vector by a float, so it should cost nothing measurable.
 2. Padding-free packing vs padding: real (non-pad) tokens per second on Alpaca-like lengths, with
    TRL's own collator and best-fit-decreasing packing, as SFT runs use them.
+3. Distillation healing: LoRA step time with the distillation loss (the student's forward and
+   backward plus the source model's forward without gradients, the adapter disabled) / the plain
+   LoRA step, same LNS model and batch (target <= 1.3).
 
 CPU (default): a small Llama (1.4M parameters), fp32, one thread; under a minute.
 GPU (--gpu): bf16, Qwen2.5-0.5B shapes with random weights, sdpa (flash-attention 2 when installed);
@@ -132,6 +135,41 @@ def time_lns_overhead(base, lns, batch, device, autocast_dtype, warmup, steps):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def time_distillation_overhead(lns, batch, device, autocast_dtype, warmup, steps):
+    """Median LoRA step time with the distillation loss / without it, interleaved, on one LNS model."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    from lns_surgery.training.distill import SourceTeacher, distilling_compute_loss
+
+    student = get_peft_model(copy.deepcopy(lns), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    student.train()
+    # The trainer state distilling_compute_loss reads, on one process.
+    trainer = SimpleNamespace(distillation={"temperature": 1.0, "weight": 1.0}, teacher=SourceTeacher(),
+                              args=SimpleNamespace(average_tokens_across_devices=False),
+                              accelerator=SimpleNamespace(num_processes=1, gather_for_metrics=lambda value: value),
+                              _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    losses = {"plain": lambda: student(**batch).loss, "distill": lambda: distilling_compute_loss(trainer, student, batch)}
+    times = {"plain": [], "distill": []}
+    for step in range(warmup + steps):
+        for name in ("plain", "distill") if step % 2 == 0 else ("distill", "plain"):
+            sync(device)
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = losses[name]()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync(device)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def time_throughput(model, batches, real_tokens, device, autocast_dtype, warmup):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     for batch in batches[:warmup]:
@@ -200,6 +238,12 @@ def main():
                                "lns_step_s": medians["lns"], "ratio": medians["lns"] / medians["base"],
                                "target": 1.02, "steps_timed": steps}
 
+    # 3. distillation healing with LoRA: teacher forward without gradients on the same model
+    distill = time_distillation_overhead(lns, batch, device, autocast_dtype, warmup, steps)
+    results["distillation_overhead"] = {"batch_shape": list(ids.shape), "lora_step_s": distill["plain"],
+                                        "distill_step_s": distill["distill"],
+                                        "ratio": distill["distill"] / distill["plain"], "target": 1.3}
+
     # 2. padding-free packing vs padding, same records, LNS model (a fresh copy for each)
     tokens_per_word = 1.35  # Qwen/Llama BPE on English
     lengths, source = alpaca_lengths(records, tokens_per_word)
@@ -239,6 +283,9 @@ def main():
           f"{results['model']['parameters'] / 1e6:.1f}M params | {dtype} | {attn}")
     print(f"step time  base {overhead['base_step_s'] * 1e3:8.1f} ms   LNS {overhead['lns_step_s'] * 1e3:8.1f} ms   "
           f"LNS/base {overhead['ratio']:.3f} (target <= 1.02)")
+    distill = results["distillation_overhead"]
+    print(f"LoRA step  plain {distill['lora_step_s'] * 1e3:7.1f} ms   distillation {distill['distill_step_s'] * 1e3:7.1f} ms"
+          f"   ratio {distill['ratio']:.3f} (target <= 1.3)")
     for mode in ("padding", "packing"):
         entry = throughput[mode]
         mfu = f"   MFU {entry['mfu']:.1%}" if entry.get("mfu") else ""

@@ -199,3 +199,20 @@ def norm_module_names(model) -> list[str]:
         if name and "norm" in type(module).__name__.lower():
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
+
+
+def freeze_scaled_norms(model) -> list[str]:
+    """Stop training the norms LNS scales, so healing cannot learn ``w -> sqrt(l) * w`` and undo the
+    surgery; returns the frozen parameter names. A model without LNS has nothing to freeze."""
+    from lns_surgery.modeling.lns_layers import resolve_layers
+
+    lns = getattr(model.config, "lns", None)
+    if not lns:
+        raise LNSError("heal_norms: freeze needs an LNS model (convert it, or set lns_convert: true)")
+    frozen = []
+    for index, block in enumerate(resolve_layers(model, lns["layers"])):
+        for norm in lns["norms"]:
+            for name, parameter in block.get_submodule(norm).named_parameters():
+                parameter.requires_grad_(False)
+                frozen.append(f"{lns['layers']}.{index}.{norm}.{name}")
+    return frozen

@@ -18,6 +18,7 @@ from lns_surgery.errors import LNSError
 COMMANDS = ("pretrain", "sft")
 FORMATS = ("auto", "text", "alpaca", "messages", "prompt_completion")
 EXPORTS = ("both", "merged", "adapter")
+HEAL_NORMS = ("train", "freeze")
 
 
 @dataclass
@@ -73,6 +74,22 @@ class RecipeArguments:
     train_norms: bool = field(
         default=False, metadata={"help": "With LoRA, also train the norm weights (full copies saved with the adapter)."}
     )
+    distill: bool = field(
+        default=False,
+        metadata={"help": "Heal by distillation from the source model (the checkpoint before the surgery): "
+                          "KL(source || model) per token, mixed with the LM loss by distill_weight."},
+    )
+    distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the distillation loss."})
+    distill_weight: float = field(
+        default=1.0, metadata={"help": "loss = distill_weight * KL + (1 - distill_weight) * LM, in [0, 1]."}
+    )
+    heal_norms: str = field(
+        default="train",
+        metadata={"help": "train | freeze: whether full fine-tuning trains the norms LNS scales. Trained norms can "
+                          "learn w -> sqrt(l) * w and undo the scaling; frozen ones keep it (analyze reports "
+                          "the effective scales). With LoRA the norms train only with train_norms.",
+                  "choices": list(HEAL_NORMS)},
+    )
     export: str = field(
         default="both",
         metadata={"help": "With LoRA: both (adapter/ and a merged standalone model), merged, or adapter.",
@@ -86,6 +103,14 @@ class RecipeArguments:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.lns_ramp_steps < 0:
             raise ValueError(f"lns_ramp_steps must be >= 0, got {self.lns_ramp_steps}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if not self.distill_temperature > 0.0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.heal_norms not in HEAL_NORMS:
+            raise ValueError(f"heal_norms must be one of {', '.join(HEAL_NORMS)}, got {self.heal_norms!r}")
+        if self.heal_norms == "freeze" and self.train_norms:
+            raise ValueError("heal_norms: freeze and train_norms: true contradict each other")
 
 
 @dataclass

@@ -93,7 +93,17 @@ def _make_trainer_class():
     from lns_surgery.training.callbacks import current_alpha
 
     class LNSTrainer(SFTTrainer):
-        """SFTTrainer that also logs the LNS strength, so a ramp shows in the logs and metrics.json."""
+        """SFTTrainer that also logs the LNS strength, so a ramp shows in the logs and metrics.json, and
+        heals by distillation from the source model when the recipe asks (``distillation`` is set)."""
+
+        distillation: dict | None = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.distillation is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            from lns_surgery.training.distill import distilling_compute_loss
+
+            return distilling_compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
         def log(self, logs, start_time=None):
             alpha = current_alpha(self.model)
@@ -137,6 +147,14 @@ def build_trainer(recipe: Recipe, callbacks=None):
     if eval_data is None and training.eval_strategy != "no":
         raise LNSError(f"eval_strategy is '{training.eval_strategy.value}' but there is no evaluation data: "
                        "set dataset_test_split or eval_fraction")
+    if args.heal_norms == "freeze" and peft_config is None:
+        models.freeze_scaled_norms(model)
+    if args.distill:
+        from lns_surgery.training.distill import SourceTeacher
+
+        # Full fine-tuning: a frozen copy taken now, before the trainer patches the model. LoRA: the
+        # student itself with the adapter disabled, once the trainer has wrapped it.
+        teacher = SourceTeacher() if peft_config is not None else SourceTeacher.frozen_copy(model)
     trainer = _make_trainer_class()(
         model=model,
         args=training,
@@ -146,6 +164,9 @@ def build_trainer(recipe: Recipe, callbacks=None):
         peft_config=peft_config,
         callbacks=extra,
     )
+    if args.distill:
+        trainer.teacher = teacher
+        trainer.distillation = {"temperature": args.distill_temperature, "weight": args.distill_weight}
     return trainer, {"dataset_format": data_format, "added_token_ids": added, "lora": peft_config is not None}
 
 
