@@ -15,6 +15,17 @@ def _config_dict(path: str | Path) -> dict | None:
     return None
 
 
+def _register_lns_classes(path) -> bool:
+    """For an LNS checkpoint on disk, register this process's LNS classes for its ``model_type``; False
+    only when it is LNS but its base model is itself custom code (then only remote code can load it)."""
+    from lns_surgery.modeling.auto import register
+
+    config = _config_dict(path)
+    if config is None or not config.get("lns"):
+        return True
+    return register(config["lns"]) is not None
+
+
 def load_model(path: str | Path, *, trust_remote_code: bool = False, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` that also loads LNS checkpoints without remote code.
 
@@ -24,13 +35,9 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, **kwargs):
     """
     from transformers import AutoModelForCausalLM
 
-    from lns_surgery.modeling.auto import register
-
     path = _resolve_builtin(path)
-    config = _config_dict(path)
-    if config is not None and config.get("lns"):
-        if register(config["lns"]) is None and not trust_remote_code:
-            raise LNSError(f"'{path}' is built on custom code; pass trust_remote_code=True")
+    if not _register_lns_classes(path) and not trust_remote_code:
+        raise LNSError(f"'{path}' is built on custom code; pass trust_remote_code=True")
     try:
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as exc:
@@ -49,6 +56,9 @@ def load_tokenizer(path: str | Path, **kwargs):
     from transformers import AutoTokenizer
 
     path = _resolve_builtin(path)
+    # AutoTokenizer reads config.json too: unregistered, an LNS model_type with an auto_map makes
+    # transformers ask on the terminal whether to run the folder's code.
+    _register_lns_classes(path)
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:

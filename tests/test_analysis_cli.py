@@ -137,7 +137,7 @@ def _fake_lm_eval(monkeypatch, windows):
             self.model = pretrained
 
     class TaskManager:  # every name is a task with some documents
-        def __init__(self, include_path=None):
+        def __init__(self, include_path=None, include_defaults=True):
             self.all_tasks = []
 
         def load(self, specs):

@@ -18,10 +18,11 @@ import lns_surgery  # noqa: E402
 from conftest import invoke_cli, shared_path  # noqa: E402
 from lns_surgery import LNSError  # noqa: E402
 from lns_surgery.analysis.run import analyze  # noqa: E402
+from lns_surgery.analysis.tasks import resolve_tasks  # noqa: E402
 
-LIMIT = 3
+LIMIT = 8
 ROLLING = "lns_test_c4_rolling"
-CHOICE = "lns_test_c4_continuation"
+CHOICE = "lns_test_alpaca_response"
 
 
 def _rolling_yaml(data: Path) -> str:
@@ -44,7 +45,8 @@ metric_list:
 
 
 def _choice_yaml(data: Path) -> str:
-    """A multiple-choice task: which of four 10-word spans continues a C4 document's first 20 words."""
+    """A multiple-choice task: which of four responses (the start of each) answers an Alpaca instruction;
+    the three distractors are the responses to other instructions."""
     return f"""\
 task: {CHOICE}
 dataset_path: json
@@ -63,26 +65,29 @@ metric_list:
   - metric: acc_norm
     aggregation: mean
     higher_is_better: true
+  - metric: brier_score
+    higher_is_better: false
 """
 
 
 @pytest.fixture(scope="module")
 def local_tasks(tmp_path_factory):
     """{"include": a task folder holding the rolling task, "choice": the multiple-choice task's YAML
-    file outside it}; their data is ../shared's C4 sample (the choice rows derived from it here)."""
+    file outside it}; the rolling task reads ../shared's C4 sample in place, the choice rows are built
+    here from ../shared's Alpaca records."""
     c4 = shared_path("data/c4-sample/c4_sample300.jsonl")
+    alpaca = json.loads(shared_path("data/alpaca/alpaca_first100.json").read_text(encoding="utf-8"))[:8]
     root = tmp_path_factory.mktemp("lm-eval-tasks")
     include = root / "include"
     include.mkdir()
     (include / "rolling.yaml").write_text(_rolling_yaml(c4))
-    documents = [json.loads(line)["text"].split() for line in c4.read_text(encoding="utf-8").splitlines()[:8]]
-    rows = []
-    for index, words in enumerate(documents):
-        spans = [" ".join(documents[(index + k) % len(documents)][20:30]) for k in range(4)]
-        rows.append({"context": " ".join(words[:20]), "choices": spans, "label": 0})
-    choice_data = root / "continuation.jsonl"
+    responses = [" " + " ".join(record["output"].split()[:8]) for record in alpaca]
+    rows = [{"context": f"Instruction: {record['instruction']}\nResponse:",
+             "choices": [responses[(index + k) % len(alpaca)] for k in range(4)], "label": 0}
+            for index, record in enumerate(alpaca)]
+    choice_data = root / "alpaca_response.jsonl"
     choice_data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    choice = root / "continuation.yaml"
+    choice = root / "alpaca_response.yaml"
     choice.write_text(_choice_yaml(choice_data))
     return {"include": include, "choice": choice}
 
@@ -122,11 +127,15 @@ def test_local_tasks_through_the_removal_sweep_equal_lm_eval_itself(tmp_path, ln
     assert entry["status"] == "lns" and entry["num_layers"] == 5
     assert set(entry["tasks"]) == {ROLLING, CHOICE}
     assert set(entry["tasks"][ROLLING]) >= {"word_perplexity", "byte_perplexity", "bits_per_byte"}
-    assert set(entry["tasks"][CHOICE]) >= {"acc", "acc_norm", "acc_stderr"}
+    # brier_score depends on every choice's log-likelihood, not only on which one wins
+    assert set(entry["tasks"][CHOICE]) >= {"acc", "acc_norm", "acc_stderr", "brier_score"}
     for layer in entry["layers"]:
         assert set(layer["removal_tasks"]) == {ROLLING, CHOICE}
         assert all(layer["removal_tasks"][task] for task in (ROLLING, CHOICE))
     assert report["settings"]["tasks_include"] == [str(local_tasks["include"].resolve())]
+    # Local tasks need none of lm-eval's own: its ~15,000 task files were not indexed (seconds).
+    plan = resolve_tasks(f"{ROLLING},{local_tasks['choice']}", [local_tasks["include"]])
+    assert plan.tasks == [ROLLING, CHOICE] and "arc_easy" not in plan.manager.all_tasks
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["models"][0]["tasks"] == entry["tasks"]
     assert f"{ROLLING} bits_per_byte" in (out / "summary.md").read_text()
@@ -135,10 +144,12 @@ def test_local_tasks_through_the_removal_sweep_equal_lm_eval_itself(tmp_path, ln
     tokenizer = lns_surgery.load_tokenizer(str(lns_stories))
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(local_tasks["include"]))  # lm-eval's own, not the package's cached one
+    # lm-eval's own manager, not the package's cached one; the local tasks need none of lm-eval's.
+    manager = TaskManager(include_path=str(local_tasks["include"]), include_defaults=False)
     specs = [ROLLING, str(local_tasks["choice"])]
     whole = _direct(model, tokenizer, specs, manager)
     for task in (ROLLING, CHOICE):
+        assert set(entry["tasks"][task]) == set(whole[task]), task
         for metric, value in whole[task].items():
             assert entry["tasks"][task][metric] == pytest.approx(value, rel=1e-12, abs=1e-12), (task, metric)
 
@@ -148,9 +159,12 @@ def test_local_tasks_through_the_removal_sweep_equal_lm_eval_itself(tmp_path, ln
     pruned.model.layers[index] = _Bypass()
     removed = _direct(pruned, tokenizer, specs, manager)
     for task in (ROLLING, CHOICE):
+        assert set(entry["layers"][index]["removal_tasks"][task]) == set(removed[task]), task
         for metric, value in removed[task].items():
             assert entry["layers"][index]["removal_tasks"][task][metric] == pytest.approx(value, rel=1e-9, abs=1e-12)
-    # The sweep really bypasses: removing block 1 costs more than a byte-level bit.
+    for task, metric in ((ROLLING, "bits_per_byte"), (CHOICE, "brier_score")):
+        assert removed[task][metric] != pytest.approx(whole[task][metric], rel=1e-3), (task, metric)
+    # The sweep really bypasses: removing block 1 costs more than half a bit per byte.
     assert entry["layers"][0]["removal_tasks"][ROLLING]["bits_per_byte"] > entry["tasks"][ROLLING]["bits_per_byte"] + 0.5
     print(f"\n{ROLLING} whole: {entry['tasks'][ROLLING]}\n{CHOICE} whole: {entry['tasks'][CHOICE]}\n"
           f"block {index + 1} removed: {entry['layers'][index]['removal_tasks']}", file=sys.stderr)

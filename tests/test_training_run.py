@@ -87,6 +87,20 @@ def test_lora_sft_merged_export(stories_path, tmp_path):
 
     # outputs: adapter, merged standalone LNS checkpoint with its code, metrics, recipe; no leftovers
     assert (out / "adapter" / "adapter_config.json").is_file()
+    # converted on load: the adapter's base is the LNS conversion written beside it, never the stock input
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((out / "base").resolve())
+    assert json.loads((out / "base" / "config.json").read_text())["lns"]["alpha"] == 1.0
+    peft = run_fresh_python(f"""
+        import json, torch
+        from peft import AutoPeftModelForCausalLM
+        model = AutoPeftModelForCausalLM.from_pretrained({str(out / "adapter")!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            print(json.dumps(model(torch.tensor([{IDS!r}])).logits[0].tolist()))
+    """)
+    assert peft.returncode == 0, peft.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(json.loads(peft.stdout.strip().splitlines()[-1])), _logits(result.model),
+                               atol=1e-5, rtol=1e-5)
     assert {"lns_layers.py", "modeling_lns.py", "configuration_lns.py", "model.safetensors"} <= {p.name for p in out.iterdir()}
     assert not out.with_name(out.name + ".incomplete").exists()
     metrics = json.loads((out / "metrics.json").read_text())

@@ -14,6 +14,7 @@ in, and a task for which lm-eval returns no metric is an error, never an empty e
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
@@ -155,24 +156,71 @@ def _folder_signature(folders: list[str]) -> tuple:
     return tuple(folders), tuple(files)
 
 
-def task_manager(folders: list[str]):
-    """lm-eval's ``TaskManager`` over its own tasks plus ``folders``. Indexing its ~15,000 task files
-    takes seconds, so one is kept per process for each state of the folders."""
+def task_manager(folders: list[str], with_lm_eval_tasks: bool = True):
+    """lm-eval's ``TaskManager`` over ``folders``, plus lm-eval's own tasks unless ``with_lm_eval_tasks``
+    is False. Indexing lm-eval's ~15,000 task files takes seconds, so one is kept per process for each
+    state of the folders."""
     from lm_eval.tasks import TaskManager
 
     # The class is part of the key: a manager built by one lm-eval (or a stand-in for it) is never
     # handed to another.
-    key = (TaskManager, _folder_signature(folders))
+    key = (TaskManager, with_lm_eval_tasks, _folder_signature(folders))
     if key not in _MANAGERS:
         while len(_MANAGERS) >= 4:  # the oldest goes
             del _MANAGERS[next(iter(_MANAGERS))]
-        _MANAGERS[key] = TaskManager(include_path=folders or None)
+        _MANAGERS[key] = TaskManager(include_path=folders or None, include_defaults=with_lm_eval_tasks)
     return _MANAGERS[key]
+
+
+class _NeedsLmEvalTasks(Exception):
+    """A task could not be built from the task files and include folders alone; it is retried with
+    lm-eval's own index."""
+
+
+def _needs_lm_eval_tasks(specs: list[str], local_manager) -> bool:
+    """Whether any spec is a name or pattern that the task files and include folders do not define."""
+    local_names = set(getattr(local_manager, "all_tasks", None) or ())
+    return any(_is_pattern(spec) or (spec not in local_names and not Path(spec).is_file()) for spec in specs)
+
+
+def _build_tasks(specs: list[str], manager, folders: list[str], local_only: bool) -> dict:
+    """``{"tasks": {name: Task}, "groups": {name: Group}}`` for ``specs``, built one at a time so that
+    an error names the culprit."""
+    built = {"tasks": {}, "groups": {}}
+    for spec in specs:
+        try:
+            loaded = manager.load([spec])
+        except Exception as exc:
+            # Without lm-eval's index a group's member that only the index defines is taken for an
+            # inline task and fails in its own way: every failure is retried with the index, whose
+            # error, if any, is the one to report.
+            if local_only:
+                raise _NeedsLmEvalTasks from None
+            _raise_build_error(spec, exc, manager, folders)
+        for name, task in loaded["tasks"].items():
+            if name in built["tasks"]:
+                raise LNSError(f"lm-eval task '{name}' is asked for twice (directly, or through a group or tag)")
+            built["tasks"][name] = task
+        built["groups"].update(loaded.get("groups") or {})
+    return built
+
+
+def _raise_build_error(spec: str, exc: Exception, manager, folders: list[str]):
+    """The one-line error for a task that lm-eval, its own index included, could not build."""
+    if isinstance(exc, KeyError):
+        if spec in set(getattr(manager, "all_tasks", None) or ()) or Path(spec).is_file():
+            raise LNSError(f"lm-eval could not build task '{spec}': {_first_line(exc)}") from None
+        raise _unknown_name(spec, manager, folders) from None
+    # a broken YAML file, a dataset that cannot be loaded, ...
+    raise LNSError(f"lm-eval could not build task '{spec}': {type(exc).__name__}: {_first_line(exc)}") from None
 
 
 def resolve_tasks(tasks, include=None) -> TaskPlan | None:
     """Resolve, build and load every task (names, YAML files, or names from ``include`` folders)
-    before any model runs; ``None`` when there are none. One-line ``LNSError`` on any problem."""
+    before any model runs; ``None`` when there are none. One-line ``LNSError`` on any problem.
+
+    Tasks that the YAML files and include folders define on their own are resolved without indexing
+    lm-eval's own task collection, which takes seconds; names, patterns and references beyond them use it."""
     if isinstance(tasks, TaskPlan):
         return tasks
     specs = parse_tasks(tasks)
@@ -186,28 +234,22 @@ def resolve_tasks(tasks, include=None) -> TaskPlan | None:
 
     logger, previous = _quiet_lm_eval()
     try:
-        manager = task_manager(folders)
+        manager = task_manager(folders, with_lm_eval_tasks=False)
         for folder in folders:
-            index = getattr(manager, "task_index", None) or {}
-            if index and not any(str(entry.yaml_path or "").startswith(folder.rstrip(os.sep) + os.sep)
-                                 for entry in index.values()):
+            index = getattr(manager, "task_index", None)
+            if index is not None and not any(str(entry.yaml_path or "").startswith(folder.rstrip(os.sep) + os.sep)
+                                             for entry in index.values()):
                 raise LNSError(f"--tasks-include '{folder}' defines no lm-eval task (no readable YAML file with a 'task:' or 'group:')")
-        specs = _expand_patterns(specs, manager)
-        built = {"tasks": {}, "groups": {}}
-        for spec in specs:  # one at a time, so that the error names the culprit
+        local_only = not _needs_lm_eval_tasks(specs, manager)
+        if local_only:
             try:
-                loaded = manager.load([spec])
-            except KeyError as exc:
-                if spec in set(getattr(manager, "all_tasks", None) or ()) or Path(spec).is_file():
-                    raise LNSError(f"lm-eval could not build task '{spec}': {_first_line(exc)}") from None
-                raise _unknown_name(spec, manager, folders) from None
-            except Exception as exc:  # a broken YAML file, a dataset that cannot be loaded, ...
-                raise LNSError(f"lm-eval could not build task '{spec}': {type(exc).__name__}: {_first_line(exc)}") from None
-            for name, task in loaded["tasks"].items():
-                if name in built["tasks"]:
-                    raise LNSError(f"lm-eval task '{name}' is asked for twice (directly, or through a group or tag)")
-                built["tasks"][name] = task
-            built["groups"].update(loaded.get("groups") or {})
+                built = _build_tasks(specs, manager, folders, local_only=True)
+            except _NeedsLmEvalTasks:
+                local_only = False
+        if not local_only:
+            manager = task_manager(folders)
+            specs = _expand_patterns(specs, manager)
+            built = _build_tasks(specs, manager, folders, local_only=False)
         for name, task in built["tasks"].items():
             try:
                 count = len(task.eval_docs)
@@ -218,6 +260,26 @@ def resolve_tasks(tasks, include=None) -> TaskPlan | None:
     finally:
         logger.setLevel(previous)
     return TaskPlan(specs=specs, tasks=list(built["tasks"]), groups=list(built["groups"]), include=folders, manager=manager)
+
+
+@contextlib.contextmanager
+def _without_environment_report():
+    """``simple_evaluate`` records the environment (``pip list``, GPU and OS details, in a dozen
+    subprocesses, one to two seconds) on every call; the sweep calls it once per block and keeps
+    only the metrics, so that record is skipped."""
+    try:
+        from lm_eval import evaluator
+    except ImportError:  # an lm-eval laid out differently: nothing to skip
+        evaluator = None
+    original = getattr(evaluator, "add_env_info", None)
+    if original is None:
+        yield
+        return
+    evaluator.add_env_info = lambda results: None
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = original
 
 
 def _numbers(metrics: dict) -> dict:
@@ -245,8 +307,9 @@ def evaluate_tasks(model, tokenizer, tasks, *, batch_size: int = 8, limit: int |
     logger, previous = _quiet_lm_eval()
     try:
         harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        output = lm_eval.simple_evaluate(model=harness_model, tasks=list(plan.specs), limit=limit,
-                                         task_manager=plan.manager)
+        with _without_environment_report():
+            output = lm_eval.simple_evaluate(model=harness_model, tasks=list(plan.specs), limit=limit,
+                                             task_manager=plan.manager)
     except (KeyError, ValueError) as exc:
         raise LNSError(f"lm-eval could not run {', '.join(plan.specs)}: {_first_line(exc)}") from None
     finally:

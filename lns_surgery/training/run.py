@@ -252,6 +252,34 @@ def recipe_settings(recipe: Recipe, output_dir: Path) -> dict:
     return settings
 
 
+def _give_adapter_an_lns_base(trainer, adapter_dir: Path, work: Path, final: Path) -> None:
+    """Point the adapter at an LNS base when the model was converted on load (``lns_convert``).
+
+    PEFT records the checkpoint the model was loaded from as the adapter's base; for a stock checkpoint
+    converted in memory, ``AutoPeftModelForCausalLM`` would load that stock model and silently compute
+    without LNS. The run therefore writes the code-mode conversion of that checkpoint (its weights
+    copied, at the alpha training ended with) to ``<output_dir>/base`` and names it as the base.
+    """
+    import json
+
+    from lns_surgery.conversion.checkpoint import read_config, resolve_source
+    from lns_surgery.conversion.convert import convert
+    from lns_surgery.training.callbacks import current_alpha
+
+    config_path = adapter_dir / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+    base = adapter_config.get("base_model_name_or_path")
+    alpha = current_alpha(trainer.model)
+    if not base or alpha is None:
+        return
+    folder, _ = resolve_source(base)  # a Hub base is in the local cache: the run loaded it
+    if read_config(folder).get("lns"):
+        return  # trained on an LNS checkpoint: the base already is one
+    convert(folder, work / "base", alpha=alpha)
+    adapter_config["base_model_name_or_path"] = str((final / "base").resolve())
+    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _save_outputs(trainer, recipe: Recipe, work: Path, final: Path, info: dict, metrics: dict, state):
     """Write the final model (and adapter), metrics.json and recipe.yaml into ``work``, then rename it."""
     import yaml
@@ -265,6 +293,8 @@ def _save_outputs(trainer, recipe: Recipe, work: Path, final: Path, info: dict, 
     if info["lora"]:
         adapter_dir = work / "adapter"
         trainer.save_model(str(adapter_dir))  # every rank takes part (FSDP / ZeRO-3 gather the weights)
+        if args.export in ("both", "adapter") and state.is_main_process:
+            _give_adapter_an_lns_base(trainer, adapter_dir, work, final)
         if args.export in ("both", "merged"):
             if state.is_main_process:
                 model = _merged_model(trainer, recipe, adapter_dir)
