@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 
 import click
@@ -27,6 +28,14 @@ COMMANDS = {
     "push": ("lns_surgery.publish.cli", "push_command", "Validate and publish a checkpoint to the Hugging Face Hub."),
     "demo": ("lns_surgery.demo.cli", "demo_command", "Run the whole pipeline offline on the built-in model."),
 }
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that the cleanup of temporary output folders runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
 
 
 class LazyGroup(click.Group):
@@ -53,6 +62,10 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
     def invoke(self, ctx):
+        try:  # only the main thread may set handlers (a caller may run the CLI in another)
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        except ValueError:
+            previous = None
         try:
             return super().invoke(ctx)
         except LNSError as exc:
@@ -61,6 +74,12 @@ class LazyGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except Terminated:
+            click.echo("terminated", err=True)
+            sys.exit(128 + signal.SIGTERM)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _show_warnings() -> None:

@@ -195,8 +195,8 @@ def test_analyze_in_memory_models_and_overwrite(tmp_path, stories_path):
                      seq_len=64, overwrite=True, progress=False)
     assert [m["name"] for m in second["models"]] == ["stock", "lns"]
     assert json.loads((out / "report.json").read_text())["models"][1]["status"] == "lns"
-    assert sorted(p.name for p in out.iterdir()) == ["angular-lns.png", "angular-stock.png", "removal.png",
-                                                     "report.json", "summary.md", "variance.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".lns-surgery-output", "angular-lns.png", "angular-stock.png",
+                                                     "removal.png", "report.json", "summary.md", "variance.png"]
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, stories_path):
@@ -208,8 +208,9 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, stories_path):
 
 
 def test_missing_models_are_refused_before_anything_is_loaded(tmp_path):
+    (tmp_path / "not-a-model").mkdir()
     for model, message in [(tmp_path / "nope", "no such model folder"), ("someone/missing-model", "could not be fetched"),
-                           (tmp_path, "has no config.json")]:
+                           (tmp_path / "not-a-model", "has no config.json")]:
         with pytest.raises(LNSError, match=message):
             analyze([model], ["some text"], tmp_path / "report", progress=False)
     assert not (tmp_path / "report").exists()

@@ -82,9 +82,15 @@ def test_existing_output_needs_overwrite(stock_dir, tmp_path):
     result = invoke_cli("convert", str(stock_dir), "--out", str(out))
     assert result.returncode != 0 and "--overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "precious"
+    # --overwrite replaces only what lns-surgery wrote: a folder of the user's stays.
     result = invoke_cli("convert", str(stock_dir), "--out", str(out), "--overwrite")
-    assert result.returncode == 0, result.stderr
-    assert not (out / "keep.txt").exists() and (out / "modeling_lns.py").exists()
+    assert result.returncode == 2 and "not written by lns-surgery" in result.stderr
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # an empty folder, then the output the first run wrote
+        result = invoke_cli("convert", str(stock_dir), "--out", str(out), "--overwrite")
+        assert result.returncode == 0, result.stderr
+        assert (out / "modeling_lns.py").exists() and (out / ".lns-surgery-output").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
@@ -149,9 +155,12 @@ def test_killed_process_leaves_no_checkpoint_at_out(stock_dir, tmp_path):
     assert result.returncode == -signal.SIGKILL
     assert not (tmp_path / "out").exists()
     leftovers = [p.name for p in tmp_path.iterdir()]
-    assert all(name.startswith(".out.lns-tmp-") for name in leftovers)
-    # The next run is not confused by the leftover.
-    assert invoke_cli("convert", str(stock_dir), "--out", str(tmp_path / "out")).returncode == 0
+    assert leftovers and all(name.startswith(".out.lns-tmp-") for name in leftovers)
+    # The next run removes the dead run's leftover and says so.
+    result = invoke_cli("convert", str(stock_dir), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "removed 1 temporary folder(s)" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 # --- architectures the registry does not know ---------------------------------------------------

@@ -86,7 +86,7 @@ def _assert_refused(process, expected: str):
 
 
 def test_push_uploads_exactly_the_checked_files_and_they_load(folder, hub, tmp_path, monkeypatch):
-    process = _push(str(folder), "--repo-id", REPO, "--token", TOKEN, endpoint=hub.url, cwd=tmp_path)
+    process = _push(str(folder), "--repo-id", REPO, "--token", TOKEN, "--check-load", endpoint=hub.url, cwd=tmp_path)
     output = process.stdout + process.stderr
     assert process.returncode == 0, output
     assert TOKEN not in output
@@ -129,7 +129,7 @@ def test_push_uploads_exactly_the_checked_files_and_they_load(folder, hub, tmp_p
 
 def test_dry_run_needs_no_network_no_token_and_writes_nothing(folder, tmp_path):
     before = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*"))
-    process = _push(str(folder), "--repo-id", REPO, "--dry-run", endpoint=_closed_port_url(), cwd=tmp_path)
+    process = _push(str(folder), "--repo-id", REPO, "--dry-run", "--check-load", endpoint=_closed_port_url(), cwd=tmp_path)
     assert process.returncode == 0, process.stdout + process.stderr
     out = process.stdout
     assert "validation: ok: LNSLlamaForCausalLM (custom code from the folder)" in out
@@ -167,7 +167,7 @@ def _nan_weights(folder):
 ], ids=["custom-code-file-removed", "truncated-weights", "inf-weights"])
 def test_a_broken_checkpoint_is_refused_before_anything_is_uploaded(folder, hub, tmp_path, damage, expected):
     damage(folder)
-    process = _push(str(folder), "--repo-id", REPO, "--token", TOKEN, endpoint=hub.url, cwd=tmp_path)
+    process = _push(str(folder), "--repo-id", REPO, "--token", TOKEN, "--check-load", endpoint=hub.url, cwd=tmp_path)
     _assert_refused(process, expected)
     assert hub.repos == {} and hub.commit_count() == 0
     assert not (folder / "README.md").exists()

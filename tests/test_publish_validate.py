@@ -155,11 +155,18 @@ def test_refuses_a_checkpoint_without_tokenizer(lns_copy):
 # --- a stranger's load ----------------------------------------------------------------------------
 
 
+def test_validation_runs_no_code_of_the_folder_unless_asked(lns_copy):
+    with open(lns_copy / "modeling_lns.py", "a") as handle:
+        handle.write("\nraise RuntimeError('importing this module runs it')\n")
+    validation = validate_checkpoint(lns_copy)
+    assert validation.load is None and "without running the folder's code" in validation.summary()
+
+
 def test_fresh_process_loads_both_kinds(checkpoints):
-    lns = validate_checkpoint(checkpoints / "lns")
+    lns = validate_checkpoint(checkpoints / "lns", check_load=True)
     assert lns.load.model_class == "LNSLlamaForCausalLM" and lns.load.remote_code
     assert lns.load.num_parameters > 200_000 and lns.load.logits_shape[-1] == 512
-    folded = validate_checkpoint(checkpoints / "folded")
+    folded = validate_checkpoint(checkpoints / "folded", check_load=True)
     assert folded.load.model_class == "LlamaForCausalLM" and not folded.load.remote_code
     assert "fresh process without lns-surgery" in lns.summary()
 
@@ -171,7 +178,7 @@ def test_fresh_process_refuses_weights_that_give_nan(lns_copy):
         handle.seek(entry.start)
         handle.write(struct.pack("<f", float("nan")) * ((entry.end - entry.start) // 4))
     with pytest.raises(LNSError, match=r"non-finite logits") as caught:
-        validate_checkpoint(lns_copy)
+        validate_checkpoint(lns_copy, check_load=True)
     assert "\n" not in str(caught.value)
 
 
@@ -179,4 +186,4 @@ def test_fresh_process_refuses_custom_code_that_does_not_run(lns_copy):
     with open(lns_copy / "modeling_lns.py", "a") as handle:
         handle.write("\nraise RuntimeError('this module is broken')\n")
     with pytest.raises(LNSError, match=r"from_pretrained\(trust_remote_code=True\) failed: RuntimeError: this module is broken"):
-        validate_checkpoint(lns_copy)
+        validate_checkpoint(lns_copy, check_load=True)

@@ -30,7 +30,7 @@ import click
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="auto: float32 on CPU, the checkpoint's dtype on an accelerator.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow running a checkpoint's own modeling code.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if lns-surgery wrote it (or it is empty).")
 def analyze_command(models, data, out, max_tokens, seq_len, batch_size, last_token, tasks, tasks_include, tasks_limit, text_field,
                     split, tokenizer, device, dtype, trust_remote_code, overwrite):
     """Measure how much each block of MODELS (folders, Hub ids or builtin: names) contributes.

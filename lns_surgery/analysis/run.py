@@ -224,6 +224,20 @@ def _checkpoint_config(folder: str) -> dict:
         raise LNSError(f"'{config_path}' is not valid JSON: {exc}") from None
 
 
+def _local_inputs(models, data, tokenizer, tasks, tasks_include) -> list[Path]:
+    """Every file or folder on this machine that ``analyze`` reads: the report may not touch any of them."""
+    from lns_surgery.outputs import local_inputs
+
+    candidates = [_model_folder(str(item)) for item in models if isinstance(item, (str, Path))]
+    candidates += [data, tokenizer]
+    candidates += [tasks_include] if isinstance(tasks_include, (str, Path)) else list(tasks_include or [])
+    if isinstance(tasks, str):
+        candidates += [name.strip() for name in tasks.split(",")]
+    elif isinstance(tasks, (list, tuple)):
+        candidates += [name for name in tasks if isinstance(name, (str, Path))]
+    return local_inputs(*candidates)
+
+
 class _ConfigView:
     def __init__(self, values: dict):
         self.__dict__.update(values)
@@ -265,7 +279,7 @@ def analyze(
     from lns_surgery import load_model, load_tokenizer
     from lns_surgery.analysis.measures import unwrap
     from lns_surgery.analysis.tasks import parse_tasks, resolve_tasks
-    from lns_surgery.conversion.checkpoint import atomic_output_dir, check_output
+    from lns_surgery.outputs import atomic_output_dir, check_output
 
     if isinstance(models, (str, Path)) or hasattr(models, "config"):
         models = [models]
@@ -275,7 +289,8 @@ def analyze(
     if names is not None and len(names) != len(models):
         raise LNSError("give one name per model")
     out = Path(out)
-    check_output(out, overwrite)
+    inputs = _local_inputs(models, data, tokenizer, tasks, tasks_include)
+    check_output(out, overwrite, inputs, report=True)
     if not isinstance(data, (str, Path)):
         data = list(data)  # every model reads the same documents
     if batch_size < 1:
@@ -333,6 +348,6 @@ def analyze(
                 "last_token": last_token, "text_field": text_field, "split": split, "tasks": parse_tasks(tasks) or None,
                 "tasks_include": (task_plan.include or None) if task_plan else None, "tasks_limit": tasks_limit}
     report = report_module.build_report(entries, settings)
-    with atomic_output_dir(out, overwrite) as staging:
+    with atomic_output_dir(out, overwrite, inputs, report=True) as staging:
         report_module.write_outputs(report, staging)
     return report

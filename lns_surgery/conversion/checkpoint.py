@@ -7,16 +7,17 @@ no more memory than converting a 100 MB one.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
 import os
 import shutil
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from lns_surgery import outputs
 from lns_surgery.errors import LNSError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -220,55 +221,89 @@ def _kernel_copy(src, dst) -> None:
     shutil.copyfileobj(src, dst, 16 * 1024 * 1024)
 
 
+# Version control, download caches and the input's own output marker are not part of the checkpoint.
+_NOT_COPIED = {".git", ".cache", outputs.MARKER_NAME}
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_readable_file(path: Path, roots: list[Path]) -> None:
+    """Refuse ``path`` unless it is a regular file, or a symbolic link to one inside ``roots``.
+
+    A named pipe would block a copy forever, a device could be endless, and a link out of the folder
+    would read (and publish) a file that is not part of it.
+    """
+    if path.is_symlink():
+        target = path.resolve()
+        if not any(target == root or root in target.parents for root in roots):
+            raise LNSError(f"'{path}' is a symbolic link to '{target}', outside the folder; "
+                           "copy the file into the folder instead")
+        mode = target.stat().st_mode if target.exists() else 0
+    else:
+        mode = path.lstat().st_mode
+    if not stat.S_ISREG(mode):
+        what = "a broken symbolic link" if mode == 0 else _kind_of(mode)
+        raise LNSError(f"'{path}' is {what}; only regular files are read from a model folder: remove it")
+
+
+def link_roots(folder: Path) -> list[Path]:
+    """Where symbolic links in ``folder`` may point: inside it, and for a Hugging Face cache snapshot
+    (``.../snapshots/REV``), into the same repository's ``blobs`` folder, which its links point at."""
+    real = folder.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots":
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def folder_files(folder: Path, skip_top: set[str] = frozenset(_NOT_COPIED)) -> list[Path]:
+    """Every file of ``folder`` (relative paths, sorted), each checked by ``check_readable_file``.
+
+    A linked folder is refused, so no cycle can form and nothing outside is walked.
+    """
+    folder = Path(folder)
+    roots = link_roots(folder)
+    files = []
+    for root, directories, names in os.walk(folder):
+        base = Path(root)
+        if base == folder:
+            directories[:] = [name for name in directories if name not in skip_top]
+            names = [name for name in names if name not in skip_top]
+        for name in sorted(directories):
+            if (base / name).is_symlink():
+                raise LNSError(f"'{base / name}' is a symbolic link to a folder; only regular files are read "
+                               "from a model folder: replace it with the folder itself")
+        for name in sorted(names):
+            check_readable_file(base / name, roots)
+            files.append((base / name).relative_to(folder))
+    return sorted(files)
+
+
 def copy_folder(source: Path, target: Path, skip: set[str] = frozenset(), link: str = "auto") -> None:
-    """Copy every file of ``source`` into ``target`` (keeping sub-folders) except the names in ``skip``."""
-    for path in sorted(source.rglob("*")):
-        relative = path.relative_to(source)
-        if relative.parts[0] in {".git", ".cache"} or str(relative) in skip:
+    """Copy every file of ``source`` into ``target`` (keeping sub-folders) except the names in ``skip``.
+
+    The whole folder is checked (``folder_files``) before the first byte is copied.
+    """
+    for relative in folder_files(source):
+        if str(relative) in skip:
             continue
         destination = target / relative
-        if path.is_dir():
-            destination.mkdir(parents=True, exist_ok=True)
-        else:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            copy_file(path.resolve(), destination, link)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        copy_file((source / relative).resolve(), destination, link)
 
 
 # --- writing the output -------------------------------------------------------------------------
 
+# One rule for every command that writes: lns_surgery.outputs. These names are kept for the callers here.
+atomic_output_dir = outputs.atomic_output_dir
+
 
 def check_output(out: Path, overwrite: bool, source: Path | None = None) -> None:
-    if source is not None and out.resolve() == source.resolve():
-        raise LNSError("--out must differ from the input folder")
-    if out.exists() and not overwrite:
-        raise LNSError(f"'{out}' already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise LNSError(f"'{out}' exists and is not a folder")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False):
-    """Yield a temporary folder beside ``out`` that becomes ``out`` only if the block finishes.
-
-    An error or Ctrl-C removes it; a killed process leaves only a hidden ``.NAME.lns-tmp-PID`` folder,
-    never a half-written checkpoint at ``out``.
-    """
-    out = Path(out)
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.parent / f".{out.name}.lns-tmp-{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
-    try:
-        yield temporary
-        if out.exists():
-            old = out.parent / f".{out.name}.lns-old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(temporary, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(temporary, out)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    """lns_surgery.outputs.check_output with the checkpoint being read as the input."""
+    outputs.check_output(out, overwrite, inputs=[source] if source is not None else ())

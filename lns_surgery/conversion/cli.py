@@ -24,7 +24,7 @@ def _quiet_transformers() -> None:
               help="code: LNS classes shipped as custom code, weights unchanged; fold: stock classes, scales folded into norm weights.")
 @click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
               help="Strength of the scaling: scale = 1 + alpha * (1/sqrt(l) - 1).")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if lns-surgery wrote it (or it is empty).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow running the input checkpoint's own modeling code.")
 @click.option("--layers", default=None, help="Dotted path of the decoder block list, for architectures the registry lacks.")
 @click.option("--norms", default=None, help="Comma-separated names of the two pre-sublayer norms inside a block.")
@@ -53,7 +53,7 @@ def convert_command(model, out, mode, alpha, overwrite, trust_remote_code, layer
 @click.command("fold")
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(), help="Output folder.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if lns-surgery wrote it (or it is empty).")
 @click.option("--link", type=click.Choice(["auto", "copy", "hardlink"]), default="auto", show_default=True)
 def fold_command(model, out, overwrite, link):
     """Turn an LNS checkpoint into a stock checkpoint (for vLLM, llama.cpp, TGI, ...)."""

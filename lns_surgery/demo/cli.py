@@ -10,7 +10,7 @@ from lns_surgery.demo.pipeline import DEFAULT_BASE, DEFAULT_OUT
 @click.command("demo")
 @click.option("--out", default=DEFAULT_OUT, show_default=True, type=click.Path(),
               help="Folder for every artefact and the summary (must not exist unless --overwrite).")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if lns-surgery wrote it (or it is empty).")
 @click.option("--quick", is_flag=True, help="Shorter runs and smaller evaluation sets (CI, a first look).")
 @click.option("--steps-scale", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
               help="Multiply the healing and fine-tuning steps by this factor.")

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lns_surgery import outputs
 from lns_surgery.analysis.report import json_safe
 from lns_surgery.errors import LNSError
 
@@ -493,13 +494,6 @@ def _base_folder(base: str) -> Path:
     return folder
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise LNSError(f"'{out}' already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise LNSError(f"'{out}' exists and is not a folder")
-
-
 def run_demo(
     out: str | os.PathLike = DEFAULT_OUT,
     *,
@@ -520,7 +514,7 @@ def run_demo(
     and on a busy machine they lose a lot: they spin waiting for each other's cores.
     """
     out = Path(out)
-    _check_output(out, overwrite)  # before anything slow is imported
+    outputs.check_output(out, overwrite, [base])  # before anything slow is imported
     if threads < 1:
         raise LNSError(f"threads must be at least 1, got {threads}")
     settings = (settings or (QUICK if quick else DemoSettings())).scaled(steps_scale)
@@ -528,11 +522,10 @@ def run_demo(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import lns_surgery
-    from lns_surgery.conversion.checkpoint import atomic_output_dir
     from lns_surgery.demo import data
 
     begun = time.monotonic()
-    with _quiet_libraries(threads), atomic_output_dir(out, overwrite) as staging:
+    with _quiet_libraries(threads), outputs.atomic_output_dir(out, overwrite, [base_folder]) as staging:
         run = _Run(staging=staging, settings=settings, base=base, base_folder=base_folder, threads=threads,
                    console=_Console(echo, total=6))
         run.tokenizer = lns_surgery.load_tokenizer(str(base_folder))

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import click
 
+# The limit is shown in --help; importing it must stay cheap (validate imports only the standard library at the top).
+from lns_surgery.publish.validate import LOAD_CHECK_TIMEOUT_S
+
 
 def _quiet_libraries() -> None:
     from huggingface_hub.utils import logging as hub_logging
@@ -51,12 +54,13 @@ def echo_result(result, show_card: bool = False, echo=click.echo) -> None:
         echo(f"pull request: {result.pr_url}")
 
 
-def push_to_hub(folder, repo_id: str, *, private: bool = False, token: str | None = None, echo=click.echo):
+def push_to_hub(folder, repo_id: str, *, private: bool = False, token: str | None = None, check_load: bool = False,
+                echo=click.echo):
     """What ``--push-to-hub REPO`` of convert / pretrain / sft calls once their output folder is complete."""
     from lns_surgery.publish.upload import push
 
     _quiet_libraries()
-    result = push(folder, repo_id, private=private, token=token, progress=_progress)
+    result = push(folder, repo_id, private=private, token=token, check_load=check_load, progress=_progress)
     echo_result(result, echo=echo)
     return result
 
@@ -69,17 +73,28 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, token: str | Non
 @click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
 @click.option("--message", "-m", default=None, help="Commit message.")
 @click.option("--token", default=None, help="Hub token with write access (default: HF_TOKEN, then the stored login). Never printed.")
-@click.option("--dry-run", is_flag=True, help="Validate and show the files and the model card; no network, nothing written.")
-def push_command(folder, repo_id, private, branch, create_pr, message, token, dry_run):
+@click.option("--dry-run", is_flag=True,
+              help="Validate and show the files and the model card; no network, nothing written, and none of the "
+                   "folder's code run unless --check-load is given too.")
+@click.option("--check-load", is_flag=True,
+              help="Also load the checkpoint in a fresh process with trust_remote_code=True, as a user of the published "
+                   "model would. This EXECUTES the folder's Python code (modeling, configuration, tokenizer), in a child "
+                   "process without credentials in its environment, stopped after --check-load-timeout seconds "
+                   f"({LOAD_CHECK_TIMEOUT_S} by default).")
+@click.option("--check-load-timeout", type=click.IntRange(min=1), default=LOAD_CHECK_TIMEOUT_S, show_default=True,
+              help="Seconds the --check-load process may take.")
+def push_command(folder, repo_id, private, branch, create_pr, message, token, dry_run, check_load, check_load_timeout):
     """Validate the checkpoint in FOLDER, write its model card, and upload it to the Hugging Face Hub.
 
-    The checkpoint is first loaded in a fresh process with trust_remote_code=True and without
-    lns-surgery, exactly as a user of the published model would; any problem stops the push before
-    anything is uploaded. Optimizer, scheduler and RNG states, checkpoint-* folders and logs stay home.
+    The folder is checked without running any of its code: config, custom-code files, weights, tokenizer.
+    --check-load also loads it in a fresh process, which runs its code. Any problem stops the push
+    before anything is uploaded, and the folder's README.md becomes the model card only once the upload
+    has succeeded. Optimizer, scheduler and RNG states, checkpoint-* folders and logs stay home.
     """
     _quiet_libraries()
     from lns_surgery.publish.upload import push
 
     result = push(folder, repo_id, private=private, branch=branch, create_pr=create_pr, message=message,
-                  token=token, dry_run=dry_run, progress=_progress)
+                  token=token, dry_run=dry_run, check_load=check_load, load_timeout=check_load_timeout,
+                  progress=_progress)
     echo_result(result, show_card=dry_run)

@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from lns_surgery.errors import LNSError
+
 # (pattern on a path component, why it stays out). Folder rules exclude everything below them.
 EXCLUDED_FOLDERS = (
     ("checkpoint-*", "intermediate checkpoint"),
@@ -62,6 +64,16 @@ class Selection:
         return [item.path for item in self.files]
 
 
+def _refuse(folder: Path, reason: str) -> LNSError:
+    return LNSError(f"cannot publish '{folder}': {reason}")
+
+
+def _excluded_folder(relative: str) -> bool:
+    """Whether nothing below the folder ``relative`` is uploaded."""
+    return any(fnmatch.fnmatchcase(part, pattern) for part in PurePosixPath(relative).parts
+               for pattern, _ in EXCLUDED_FOLDERS)
+
+
 def exclusion_reason(relative: str) -> str | None:
     """Why ``relative`` (a POSIX path inside the folder) is not uploaded, or None when it is."""
     parts = PurePosixPath(relative).parts
@@ -76,20 +88,35 @@ def exclusion_reason(relative: str) -> str | None:
 
 
 def select_files(folder: str | os.PathLike) -> Selection:
-    """The files of ``folder`` that would be uploaded (sorted) and those left out, with the reason."""
+    """The files of ``folder`` that would be uploaded (sorted) and those left out, with the reason.
+
+    Raises LNSError for a file that would go up but is not a regular file, or is a symbolic link out
+    of the folder (a file or folder outside would be published with it).
+    """
+    from lns_surgery.conversion.checkpoint import check_readable_file, link_roots
+
     folder = Path(folder)
+    roots = link_roots(folder)
     included, excluded = [], []
     for root, directories, names in os.walk(folder):
         directories.sort()
         base = Path(root)
+        for name in directories:
+            relative = (base / name).relative_to(folder).as_posix()
+            if (base / name).is_symlink() and not _excluded_folder(relative):
+                raise _refuse(folder, f"'{relative}' is a symbolic link to a folder; only regular files are uploaded")
         for name in sorted(names):
             path = base / name
             relative = path.relative_to(folder).as_posix()
             reason = exclusion_reason(relative)
             if reason is not None:
                 excluded.append((relative, reason))
-            elif path.is_file():
-                included.append(UploadFile(relative, path.stat().st_size))
+                continue
+            try:
+                check_readable_file(path, roots)
+            except LNSError as exc:
+                raise _refuse(folder, str(exc)) from None
+            included.append(UploadFile(relative, path.stat().st_size))
     included.sort(key=lambda item: item.path)
     excluded.sort()
     return Selection(folder, tuple(included), tuple(excluded))

@@ -1,10 +1,12 @@
 """Publishing a checkpoint: check it, write its card, upload exactly the checked files.
 
-Order matters. The token and the Hub are checked first (seconds), then the checkpoint (a fresh
-process loads it), and only then is anything written remotely: ``create_repo(exist_ok=True)``,
-``create_branch`` for ``branch``, one ``upload_folder`` commit. Any refusal before that point leaves
-the Hub untouched. The token is passed to huggingface_hub and nowhere else: it is not printed,
-not logged, not given to the check process, and any message that could echo it is scrubbed.
+Order matters. The token and the Hub are checked first (seconds), then the checkpoint (statically;
+with ``check_load`` a fresh process also loads it, running its code), and only then is anything
+written remotely: ``create_repo(exist_ok=True)``, ``create_branch`` for ``branch``, one
+``upload_folder`` commit. Any refusal before that point leaves the Hub untouched, and the user's
+folder is changed (its README.md becomes the card) only once the upload has succeeded. The token is
+passed to huggingface_hub and nowhere else: it is not printed, not logged, not given to the check
+process, and any message that could echo it is scrubbed.
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ def push(
     message: str | None = None,
     token: str | None = None,
     dry_run: bool = False,
+    check_load: bool = False,
     endpoint: str | None = None,
     load_timeout: float = LOAD_CHECK_TIMEOUT_S,
     progress: Callable[[str], None] | None = None,
@@ -170,8 +173,10 @@ def push(
     """Validate ``folder`` and publish it as the model repository ``repo_id``; returns what was done.
 
     ``dry_run`` does everything except talking to the Hub and writing README.md into the folder: it
-    returns the file list, the rendered card and the validation result. Raises LNSError (one line,
-    token-free) on any refusal or failure; nothing is uploaded then. ``progress`` receives a line
+    returns the file list, the rendered card and the validation result. ``check_load`` also loads the
+    checkpoint in a fresh process, which executes the folder's code (see ``validate.load_check``);
+    without it nothing of the folder is run. Raises LNSError (one line, token-free) on any refusal or
+    failure; nothing is uploaded then, and the folder is left as it was. ``progress`` receives a line
     before each slow step.
     """
     say = progress or (lambda line: None)
@@ -191,22 +196,25 @@ def push(
     card = render_model_card(info, repo_id, existing)
     replacements = {CARD_NAME: card.text}
     with staged_view(selection, replacements) as view:
-        say("loading the checkpoint in a fresh process (trust_remote_code=True, without lns-surgery) ...")
-        try:
-            load = load_check(view, info.kind, timeout=load_timeout)
-        except LNSError as exc:
-            raise LNSError(f"cannot publish '{folder}': {exc}") from None
+        load = None
+        if check_load:
+            say(f"loading the checkpoint in a fresh process (runs the folder's code, trust_remote_code=True, "
+                f"without lns-surgery; at most {load_timeout:.0f} s) ...")
+            try:
+                load = load_check(view, info.kind, timeout=load_timeout)
+            except LNSError as exc:
+                raise LNSError(f"cannot publish '{folder}': {exc}") from None
         validation = Validation(info, load)
         uploaded = view_selection(view, selection, replacements)
         revision = branch or "main"
         if dry_run:
             return PushResult(repo_id, revision, create_pr, True, uploaded, card, validation)
-        _write_card(folder, card.text)
         say(f"uploading {len(uploaded.files)} files ({human_size(uploaded.total_bytes)}) to {repo_id} ...")
         try:
             repo_url, commit = _upload(api, view, repo_id, private=private, branch=branch, create_pr=create_pr,
                                        message=message or _default_message(validation))
         except Exception as exc:
             raise _hub_error(exc, f"uploading to {repo_id}", api.endpoint, token) from None
+    _write_card(folder, card.text)  # only now: a failed push leaves the folder as it was
     return PushResult(repo_id, revision, create_pr, False, uploaded, card, validation,
                       commit_url=commit.commit_url, pr_url=commit.pr_url, repo_url=repo_url)

@@ -1,12 +1,16 @@
-"""Is this checkpoint safe to publish? Checked twice, cheaply first and then for real.
+"""Is this checkpoint safe to publish? Checked cheaply always, and for real when asked.
 
-1. ``check_checkpoint`` reads the folder: the config has the ``lns`` block and an ``auto_map`` (or is a
-   stock checkpoint with ``lns_folded``), every custom-code file that the ``auto_map`` names, and every
-   file those import, is there, and the weights match their index (safetensors headers only).
-2. ``load_check`` loads the folder the way a stranger would: in a fresh interpreter where
-   ``lns_surgery`` cannot be imported, offline, with ``AutoModelForCausalLM`` and ``AutoTokenizer`` and
-   ``trust_remote_code=True``, then runs a short forward and checks that the logits are finite. If this
-   passes, the Hub copy loads too, because it holds the same bytes.
+1. ``check_checkpoint`` reads the folder and runs none of its code: the config has the ``lns`` block
+   and an ``auto_map`` (or is a stock checkpoint with ``lns_folded``), every custom-code file that the
+   ``auto_map`` names, and every file those import, is there, and the weights match their index
+   (safetensors headers only).
+2. ``load_check`` (only when asked: ``push --check-load``) loads the folder the way a stranger would,
+   which executes the folder's Python code: in a fresh interpreter where ``lns_surgery`` cannot be
+   imported, offline, with ``AutoModelForCausalLM`` and ``AutoTokenizer`` and ``trust_remote_code=True``,
+   then runs a short forward and checks that the logits are finite. If this passes, the Hub copy loads
+   too, because it holds the same bytes. The child gets no credentials from the environment (a short
+   allow-list of variables, a temporary HOME) and a time limit; it is not a sandbox: it runs with the
+   user's file permissions.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -23,7 +29,7 @@ from pathlib import Path
 from lns_surgery.conversion import checkpoint
 from lns_surgery.errors import LNSError
 
-LOAD_CHECK_TIMEOUT_S = 3600
+LOAD_CHECK_TIMEOUT_S = 600
 _RESULT_MARKER = "LNS-PUBLISH-RESULT "
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 _RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+))", re.MULTILINE)
@@ -85,9 +91,12 @@ class LoadCheck:
 @dataclass(frozen=True)
 class Validation:
     info: CheckpointInfo
-    load: LoadCheck
+    load: LoadCheck | None  # None: the load check was not asked for, so none of the folder's code ran
 
     def summary(self) -> str:
+        if self.load is None:
+            return ("ok: config, custom-code files, weights and tokenizer checked without running the folder's code "
+                    "(--check-load also loads it in a fresh process, which runs that code)")
         return f"ok: {self.load.summary()}"
 
 
@@ -265,40 +274,69 @@ finish(ok=True, model_class=type(model).__name__, model_module=module, tokenizer
        unexpected_keys=sorted(loading.get("unexpected_keys") or [])[:20])
 '''
 
-# Credentials never reach the child; it needs none, because it reads only the local folder.
-_SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
+# The child runs the folder's code, so it gets only what loading needs from the environment: no tokens,
+# no cloud credentials, no proxies. Everything else that it would read from HOME is a fresh folder.
+_CHILD_VARIABLES = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
+                    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
+                    "VIRTUAL_ENV", "CONDA_PREFIX", "SYSTEMROOT")
+
+
+def load_check_environment(scratch: Path) -> dict[str, str]:
+    """The whole environment of the load-check process: an allow-list of the caller's, offline Hugging
+    Face libraries, and HOME and every cache inside ``scratch``."""
+    env = {key: os.environ[key] for key in _CHILD_VARIABLES if key in os.environ}
+    env.update(
+        HOME=str(scratch / "home"),
+        XDG_CACHE_HOME=str(scratch / "cache"),
+        HF_HOME=str(scratch / "hf-home"),
+        HF_MODULES_CACHE=str(scratch / "modules"),  # a fresh copy of the custom code, never a stale one
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        env["PYTHONUSERBASE"] = site.getuserbase()  # packages installed with pip --user stay importable
+    for folder in ("home", "cache", "hf-home"):
+        (scratch / folder).mkdir(exist_ok=True)
+    return env
 
 
 def load_check(folder: str | os.PathLike, kind: str, timeout: float = LOAD_CHECK_TIMEOUT_S) -> LoadCheck:
-    """Load ``folder`` in a fresh, offline interpreter without lns_surgery; raises LNSError with the reason."""
+    """Load ``folder`` in a fresh, offline interpreter without lns_surgery; raises LNSError with the reason.
+
+    This executes the folder's custom code (``trust_remote_code=True``), in a child process with a
+    scrubbed environment, stopped with everything it started after ``timeout`` seconds.
+    """
     folder = Path(folder).resolve()
     with tempfile.TemporaryDirectory(prefix="lns-load-check-") as scratch:
-        env = {key: value for key, value in os.environ.items() if key not in _SECRET_VARIABLES and key != "PYTHONPATH"}
-        env.update(
-            HF_HUB_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            HF_MODULES_CACHE=str(Path(scratch) / "modules"),  # a fresh copy of the custom code, never a stale one
-            TOKENIZERS_PARALLELISM="false",
-            PYTHONDONTWRITEBYTECODE="1",
+        scratch = Path(scratch)
+        process = subprocess.Popen(
+            [sys.executable, "-c", _LOAD_SCRIPT, _RESULT_MARKER, str(folder), kind],
+            cwd=scratch,  # not the project folder, so nothing of lns_surgery is importable by accident
+            env=load_check_environment(scratch),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: a timeout stops whatever it started too
         )
         try:
-            process = subprocess.run(
-                [sys.executable, "-c", _LOAD_SCRIPT, _RESULT_MARKER, str(folder), kind],
-                cwd=scratch,  # not the project folder, so nothing of lns_surgery is importable by accident
-                env=env,
-                capture_output=True,
-                text=True,
-                stdin=subprocess.DEVNULL,
-                timeout=timeout,
-            )
+            stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise LNSError(f"loading the checkpoint took longer than {timeout:.0f} s in the check process") from None
+            _stop_group(process)
+            raise LNSError(f"the load check did not finish within {timeout:.0f} s and was stopped "
+                           "(the folder's code may hang; a large model may need --check-load-timeout)") from None
+        except BaseException:
+            _stop_group(process)
+            raise
     result = None
-    for line in process.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith(_RESULT_MARKER):
             result = json.loads(line[len(_RESULT_MARKER):])
     if result is None:
-        tail = [line for line in (process.stderr or "").strip().splitlines() if line.strip()]
+        tail = [line for line in (stderr or "").strip().splitlines() if line.strip()]
         detail = tail[-1] if tail else f"exit status {process.returncode}"
         raise LNSError(f"the load check process died: {detail}")
     if not result.pop("ok"):
@@ -308,9 +346,24 @@ def load_check(folder: str | os.PathLike, kind: str, timeout: float = LOAD_CHECK
     return LoadCheck(**result)
 
 
-def validate_checkpoint(folder: str | os.PathLike, timeout: float = LOAD_CHECK_TIMEOUT_S) -> Validation:
-    """Both checks on ``folder`` as it is; raises LNSError("cannot publish ...: reason")."""
+def _stop_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        process.communicate(timeout=10)
+    except subprocess.TimeoutExpired:  # a grandchild that left the group still holds the pipes
+        pass
+
+
+def validate_checkpoint(folder: str | os.PathLike, check_load: bool = False,
+                        timeout: float = LOAD_CHECK_TIMEOUT_S) -> Validation:
+    """The static checks on ``folder`` as it is, and with ``check_load`` the load check, which runs the
+    folder's code; raises LNSError("cannot publish ...: reason")."""
     info = check_checkpoint(folder)
+    if not check_load:
+        return Validation(info, None)
     try:
         load = load_check(info.folder, info.kind, timeout)
     except LNSError as exc:

@@ -95,7 +95,7 @@ def sft_command():
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="LlamaConfig fields as JSON; they override the preset's (or replace it when no preset is given).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if lns-surgery wrote it (or it is empty).")
 def init_command(preset, out, no_lns, tokenizer, config_path, seed, overwrite):
     """Create a from-scratch Llama model: PRESET is llama-130m, llama-250m, llama-350m or llama-1b
     (the paper's shapes), with plain normal init (std 0.02)."""

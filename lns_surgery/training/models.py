@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
+from lns_surgery import outputs
 from lns_surgery.errors import LNSError
 
 logger = logging.getLogger(__name__)
@@ -99,23 +99,16 @@ def init_model(
     if preset is None and config is None:
         raise LNSError(f"give a preset ({', '.join(PRESETS)}) or a config JSON")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise LNSError(f"'{out}' already exists; pass --overwrite to replace it")
+    inputs = [tokenizer, config if isinstance(config, (str, os.PathLike)) else None]
+    outputs.check_output(out, overwrite, inputs)
     overrides = read_config_json(config) if isinstance(config, (str, os.PathLike)) else dict(config or {})
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     model = build_scratch_model(preset_config(preset, overrides, tok), lns=lns, seed=seed)
 
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with outputs.atomic_output_dir(out, overwrite, inputs) as staging:
         model.save_pretrained(staging)
         if tok is not None:
             tok.save_pretrained(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

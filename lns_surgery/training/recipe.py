@@ -95,7 +95,7 @@ class RecipeArguments:
         metadata={"help": "With LoRA: both (adapter/ and a merged standalone model), merged, or adapter.",
                   "choices": list(EXPORTS)},
     )
-    overwrite: bool = field(default=False, metadata={"help": "Replace output_dir (and leftover checkpoints)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace output_dir (and leftover checkpoints) if lns-surgery wrote it."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint of an interrupted run."})
 
     def __post_init__(self):

@@ -47,26 +47,34 @@ def _last_checkpoint(folder: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
-def _plan_output(args, training, state) -> tuple[Path, Path, str | None]:
+def _plan_output(args, training, state, model_config=None) -> tuple[Path, Path, str | None]:
     """(final dir, working dir, checkpoint to resume from), refusing to clobber anything by accident."""
+    from lns_surgery import outputs
+
     if not training.output_dir:
         raise LNSError("the recipe needs output_dir")
     final = Path(training.output_dir)
     work = incomplete_dir(final)
     resume_from = None
-    if final.exists() and not args.overwrite:
-        raise LNSError(f"'{final}' already exists; pass --overwrite to replace it")
+    # The run reads these; its output folders may not touch them (lns_surgery.outputs has the rule).
+    inputs = [getattr(model_config, "model_name_or_path", None), args.dataset_name, args.tokenizer_name_or_path,
+              args.chat_template]
+    outputs.check_output(final, args.overwrite, inputs, flag="output_dir")
+    outputs.check_inputs(work, inputs, flag="output_dir")
     if args.resume:
         resume_from = _last_checkpoint(work)
         if resume_from is None:
             raise LNSError(f"nothing to resume: no checkpoint in '{work}' (set save_steps so that runs leave checkpoints)")
     elif training.resume_from_checkpoint:
         resume_from = training.resume_from_checkpoint
-    elif work.exists() and any(work.iterdir()):
+    elif work.exists() and any(path.name != outputs.MARKER_NAME for path in work.iterdir()):
         if not args.overwrite:
             raise LNSError(f"an interrupted run left '{work}'; pass --resume to continue it or --overwrite to start over")
         if state.is_main_process:
-            shutil.rmtree(work)
+            outputs.remove_output(work)
+    if state.is_main_process:  # label the working folder as this tool's, so --overwrite may replace it
+        work.mkdir(parents=True, exist_ok=True)
+        outputs.mark_output(work)
     state.wait_for_everyone()
     return final, work, resume_from
 
@@ -284,6 +292,7 @@ def _save_outputs(trainer, recipe: Recipe, work: Path, final: Path, info: dict, 
     """Write the final model (and adapter), metrics.json and recipe.yaml into ``work``, then rename it."""
     import yaml
 
+    from lns_surgery import outputs
     from lns_surgery.training.callbacks import write_metrics
 
     args = recipe.args
@@ -320,8 +329,7 @@ def _save_outputs(trainer, recipe: Recipe, work: Path, final: Path, info: dict, 
             for checkpoint in checkpoints:
                 os.replace(checkpoint, work / "checkpoints" / checkpoint.name)
         (work / "training_args.bin").unlink(missing_ok=True)
-        if final.exists():
-            shutil.rmtree(final)
+        outputs.remove_output(final)  # refuses a folder that is not lns-surgery's own
         os.replace(work, final)
     state.wait_for_everyone()
     return model
@@ -345,7 +353,7 @@ def train(recipe: Recipe | Any, training=None, model_config=None, *, command: st
         recipe.command = command
     args, training, model_config = recipe.as_tuple()
     state = PartialState()
-    final, work, resume_from = _plan_output(args, training, state)
+    final, work, resume_from = _plan_output(args, training, state, model_config)
     training.output_dir = str(work)
     try:
         trainer, info = build_trainer(recipe, callbacks=callbacks)

@@ -1,0 +1,464 @@
+"""Nothing lost, nothing run unasked, nothing half-written: every command that writes, given input
+that would make it destroy, change or hang on the user's files.
+
+Each row of CASES builds a small project folder, runs one command in-process, and checks that it
+exits 2 with one ``error:`` line naming the problem, and that every file, folder and link of the
+project (the inputs, the would-be ``--out`` and everything beside it) is exactly as before. Then the
+checks that need a real process: the folder's code is not run unless asked for, and when it is asked
+for, it runs without credentials and is stopped in time; a convert killed mid-copy leaves nothing at
+``--out`` and the next run removes what it left.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, STORIES, invoke_cli, shared_path
+
+from lns_surgery.outputs import MARKER_NAME
+
+REPO_ID = "tester/stories-lns"
+TEXT = "Once upon a time, a little girl named Lily found a shiny red ball in the park.\n" * 8
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """stories260K as shipped, and converted to LNS once for the module."""
+    import lns_surgery
+
+    root = tmp_path_factory.mktemp("bad-input-models")
+    stock = root / "stories260K"
+    shutil.copytree(shared_path(STORIES), stock)
+    for path in (stock, *stock.rglob("*")):  # the shared copy is read-only; the cases add files to theirs
+        path.chmod(path.stat().st_mode | stat.S_IWUSR)
+    lns_surgery.convert(stock, root / "stories-lns")
+    return {"stock": stock, "lns": root / "stories-lns"}
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """Every entry below ``root``: files by content hash, links by target, folders and special files
+    by kind. Nothing is opened but regular files, so a FIFO cannot block it."""
+    state = {}
+    for folder, directories, names in os.walk(root):
+        for name in directories + names:
+            path = Path(folder) / name
+            info = path.lstat()
+            key = path.relative_to(root).as_posix()
+            if stat.S_ISLNK(info.st_mode):
+                state[key] = ("link", os.readlink(path))
+            elif stat.S_ISREG(info.st_mode):
+                state[key] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
+            else:
+                state[key] = ("kind", stat.S_IFMT(info.st_mode))
+    return state
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Project:
+    """The folder a case builds its inputs in, and what it needs to build them."""
+
+    root: Path
+    stock: Path
+    lns: Path
+    monkeypatch: pytest.MonkeyPatch
+
+    def model(self, relative: str, kind: str = "stock") -> Path:
+        target = self.root / relative
+        shutil.copytree(self.stock if kind == "stock" else self.lns, target)
+        return target
+
+    def text(self, relative: str) -> Path:
+        target = self.root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(TEXT)
+        return target
+
+    def foreign_folder(self, relative: str) -> Path:
+        """A folder of the user's that lns-surgery did not write."""
+        target = self.root / relative
+        target.mkdir(parents=True)
+        (target / "thesis.tex").write_text("years of work")
+        return target
+
+    def earlier_output(self, relative: str) -> Path:
+        """A folder an earlier lns-surgery run wrote (a demo's or a study's output), which
+        --overwrite may replace as a whole, but never while it holds an input of this run."""
+        target = self.root / relative
+        target.mkdir(parents=True)
+        (target / MARKER_NAME).write_text('{"written_by": "lns-surgery"}\n')
+        return target
+
+    def recipe(self, model: Path, data: Path) -> Path:
+        target = self.root / "recipe.yaml"
+        target.write_text(f"model_name_or_path: {model}\ndataset_name: {data}\ndataset_format: text\n"
+                          "max_steps: 1\nuse_cpu: true\nreport_to: none\n")
+        return target
+
+
+def _convert_out_is_input(p):
+    model = p.model("models/x")
+    (model / MARKER_NAME).write_text("{}\n")  # as `init --no-lns` leaves it
+    return ["convert", str(model), "--out", str(model), "--overwrite"]
+
+
+def _convert_out_contains_input(p):
+    p.earlier_output("proj")
+    model = p.model("proj/models/x")
+    return ["convert", str(model), "--out", str(p.root / "proj"), "--overwrite"]
+
+
+def _convert_out_inside_input(p):
+    model = p.model("base")
+    return ["convert", str(model), "--out", str(model / "sub")]
+
+
+def _convert_out_inside_input_through_a_link(p):
+    model = p.model("base")
+    (p.root / "shortcut").symlink_to(model, target_is_directory=True)
+    return ["convert", str(model), "--out", str(p.root / "shortcut" / "converted")]
+
+
+def _convert_overwrites_a_foreign_folder(p):
+    model = p.model("models/x")
+    out = p.foreign_folder("thesis")
+    return ["convert", str(model), "--out", str(out), "--overwrite"]
+
+
+def _convert_input_with_a_fifo(p):
+    model = p.model("models/x")
+    os.mkfifo(model / "notes.txt")
+    return ["convert", str(model), "--out", str(p.root / "out")]
+
+
+def _convert_input_with_a_socket(p):
+    model = p.model("models/x")
+    with p.monkeypatch.context() as inside:
+        inside.chdir(model)  # a relative name: socket paths are limited to about 100 characters
+        server = socket.socket(socket.AF_UNIX)
+        server.bind("daemon.sock")  # the file stays after the socket is closed
+        server.close()
+    return ["convert", str(model), "--out", str(p.root / "out")]
+
+
+def _convert_input_with_a_link_out_of_it(p):
+    model = p.model("models/x")
+    (p.root / "private.txt").write_text("not part of the model")
+    (model / "notes.txt").symlink_to(p.root / "private.txt")
+    return ["convert", str(model), "--out", str(p.root / "out")]
+
+
+def _fold_out_contains_input(p):
+    p.earlier_output("proj")
+    model = p.model("proj/models/x-lns", "lns")
+    return ["fold", str(model), "--out", str(p.root / "proj"), "--overwrite"]
+
+
+def _fold_out_inside_input(p):
+    model = p.model("x-lns", "lns")
+    return ["fold", str(model), "--out", str(model / "folded")]
+
+
+def _analyze(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["analyze", str(model), "--data", str(data), "--out", str(out), "--max-tokens", "64", "--seq-len", "32",
+            "--device", "cpu", *extra]
+
+
+def _analyze_out_is_the_model(p):
+    model = p.model("m")
+    return _analyze(model, p.text("data.txt"), model, "--overwrite")
+
+
+def _analyze_out_contains_the_model(p):
+    p.earlier_output("proj")
+    model = p.model("proj/models/x")
+    return _analyze(model, p.text("data.txt"), p.root / "proj", "--overwrite")
+
+
+def _analyze_out_contains_the_data(p):
+    p.earlier_output("proj")
+    model = p.model("m")
+    return _analyze(model, p.text("proj/data.txt"), p.root / "proj", "--overwrite")
+
+
+def _analyze_out_inside_the_model(p):
+    model = p.model("m")
+    return _analyze(model, p.text("data.txt"), model / "report")
+
+
+def _analyze_out_inside_another_model(p):
+    model = p.model("m")
+    other = p.model("other", "lns")
+    return _analyze(model, p.text("data.txt"), other / "report")
+
+
+def _analyze_overwrites_a_foreign_folder(p):
+    model = p.model("m")
+    return _analyze(model, p.text("data.txt"), p.foreign_folder("thesis"), "--overwrite")
+
+
+def _init_out_contains_its_config(p):
+    config = p.earlier_output("proj") / "config.json"
+    config.write_text(json.dumps({"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                                  "num_attention_heads": 2, "vocab_size": 64}))
+    return ["init", "--config", str(config), "--out", str(p.root / "proj"), "--overwrite"]
+
+
+def _sft_output_is_the_model(p):
+    model = p.model("m")
+    recipe = p.recipe(model, p.text("data.txt"))
+    return ["sft", "--recipe", str(recipe), "--output_dir", str(model), "--overwrite"]
+
+
+def _pretrain_output_contains_the_data(p):
+    p.earlier_output("proj")
+    model = p.model("m")
+    recipe = p.recipe(model, p.text("proj/data.txt"))
+    return ["pretrain", "--recipe", str(recipe), "--output_dir", str(p.root / "proj"), "--overwrite"]
+
+
+def _demo_overwrites_a_foreign_folder(p):
+    return ["demo", "--out", str(p.foreign_folder("thesis")), "--overwrite"]
+
+
+def _push_link_out_of_the_folder(p):
+    model = p.model("x-lns", "lns")
+    (p.root / "credentials").write_text("aws_secret_access_key = abc")
+    (model / "notes.txt").symlink_to(p.root / "credentials")
+    return ["push", str(model), "--repo-id", REPO_ID, "--dry-run"]
+
+
+def _push_folder_with_a_fifo(p):
+    model = p.model("x-lns", "lns")
+    os.mkfifo(model / "notes.txt")
+    return ["push", str(model), "--repo-id", REPO_ID, "--dry-run"]
+
+
+def _hang_on_import(folder: Path) -> None:
+    code = folder / "modeling_lns.py"
+    code.write_text("import time\ntime.sleep(3600)\n" + code.read_text())
+
+
+def _push_load_check_that_hangs(p):
+    model = p.model("x-lns", "lns")
+    _hang_on_import(model)
+    return ["push", str(model), "--repo-id", REPO_ID, "--dry-run", "--check-load", "--check-load-timeout", "3"]
+
+
+def _push_whose_upload_fails(p):
+    from lns_surgery.publish import upload
+
+    model = p.model("x-lns", "lns")
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("connection reset by peer")
+
+    p.monkeypatch.setattr(upload, "_check_account", lambda api, token: "tester")
+    p.monkeypatch.setattr(upload, "_upload", unreachable)
+    return ["push", str(model), "--repo-id", REPO_ID, "--token", "hf_NotARealToken"]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    setup: Callable[[Project], list[str]]
+    message: str  # a fragment of the one error line
+
+
+CASES = [
+    Case("convert-out-is-the-input", _convert_out_is_input, "is the input"),
+    Case("convert-out-contains-the-input", _convert_out_contains_input, "contains the input"),
+    Case("convert-out-inside-the-input", _convert_out_inside_input, "lies inside the input"),
+    Case("convert-out-inside-the-input-through-a-link", _convert_out_inside_input_through_a_link, "lies inside the input"),
+    Case("convert-overwrite-of-a-foreign-folder", _convert_overwrites_a_foreign_folder, "not written by lns-surgery"),
+    Case("convert-input-holds-a-fifo", _convert_input_with_a_fifo, "is a named pipe (FIFO)"),
+    Case("convert-input-holds-a-socket", _convert_input_with_a_socket, "is a socket"),
+    Case("convert-input-links-out-of-itself", _convert_input_with_a_link_out_of_it, "outside the folder"),
+    Case("fold-out-contains-the-input", _fold_out_contains_input, "contains the input"),
+    Case("fold-out-inside-the-input", _fold_out_inside_input, "lies inside the input"),
+    Case("analyze-out-is-the-model", _analyze_out_is_the_model, "is the input"),
+    Case("analyze-out-contains-the-model", _analyze_out_contains_the_model, "contains the input"),
+    Case("analyze-out-contains-the-data", _analyze_out_contains_the_data, "contains the input"),
+    Case("analyze-out-inside-the-model", _analyze_out_inside_the_model, "lies inside the input"),
+    Case("analyze-out-inside-another-model", _analyze_out_inside_another_model, "inside the model folder"),
+    Case("analyze-overwrite-of-a-foreign-folder", _analyze_overwrites_a_foreign_folder, "not written by lns-surgery"),
+    Case("init-out-contains-its-config", _init_out_contains_its_config, "contains the input"),
+    Case("sft-output-is-the-model", _sft_output_is_the_model, "is the input"),
+    Case("pretrain-output-contains-the-data", _pretrain_output_contains_the_data, "contains the input"),
+    Case("demo-overwrite-of-a-foreign-folder", _demo_overwrites_a_foreign_folder, "not written by lns-surgery"),
+    Case("push-link-out-of-the-folder", _push_link_out_of_the_folder, "outside the folder"),
+    Case("push-folder-holds-a-fifo", _push_folder_with_a_fifo, "is a named pipe (FIFO)"),
+    Case("push-load-check-that-hangs", _push_load_check_that_hangs, "did not finish within 3 s"),
+    Case("push-whose-upload-fails", _push_whose_upload_fails, "cannot reach the Hub"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_is_refused_and_changes_nothing(case, models, tmp_path, monkeypatch):
+    project = Project(tmp_path / "project", models["stock"], models["lns"], monkeypatch)
+    project.root.mkdir()
+    argv = case.setup(project)
+    before = tree_state(project.root)
+
+    started = time.monotonic()
+    result = invoke_cli(*argv)
+    seconds = time.monotonic() - started
+
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(errors) == 1 and case.message in errors[0], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert tree_state(project.root) == before  # inputs, --out and everything beside it untouched
+    assert seconds < 60, f"{case.id} took {seconds:.0f} s"
+
+
+# --- nothing of the folder runs unless asked for ------------------------------------------------
+
+
+def test_dry_run_runs_none_of_the_folders_code(models, tmp_path):
+    folder = tmp_path / "x-lns"
+    shutil.copytree(models["lns"], folder)
+    _hang_on_import(folder)  # importing it would hang for an hour
+    before = tree_state(tmp_path)
+    started = time.monotonic()
+    result = invoke_cli("push", str(folder), "--repo-id", REPO_ID, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 30
+    assert "without running the folder's code" in result.stdout
+    assert "dry run: nothing was uploaded and nothing was written" in result.stdout
+    assert tree_state(tmp_path) == before
+
+
+def test_the_load_check_runs_without_credentials(models, tmp_path, monkeypatch):
+    folder = tmp_path / "x-lns"
+    shutil.copytree(models["lns"], folder)
+    seen = tmp_path / "seen-by-the-folders-code.json"
+    code = folder / "modeling_lns.py"
+    code.write_text(f"import json as _json, os as _os\n"
+                    f"open({str(seen)!r}, 'w').write(_json.dumps(dict(_os.environ)))\n" + code.read_text())
+    secrets = {"AWS_SECRET_ACCESS_KEY": "aws-secret", "HF_TOKEN": "hf_secret", "GITHUB_TOKEN": "gh-secret",
+               "OPENAI_API_KEY": "sk-secret", "HTTPS_PROXY": "http://user:password@proxy:3128"}
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+
+    result = invoke_cli("push", str(folder), "--repo-id", REPO_ID, "--dry-run", "--check-load")
+    assert result.returncode == 0, result.stderr
+    assert "validation: ok: LNSLlamaForCausalLM (custom code from the folder)" in result.stdout
+    environment = json.loads(seen.read_text())
+    assert not set(secrets) & set(environment)
+    assert not any(value in json.dumps(environment) for value in secrets.values())
+    assert environment["HOME"] != os.path.expanduser("~") and "lns-load-check-" in environment["HOME"]
+    assert environment["HF_HUB_OFFLINE"] == "1"
+
+
+# --- leftovers of stopped runs --------------------------------------------------------------------
+
+
+def test_a_live_runs_temporary_folder_is_left_alone(models, tmp_path):
+    """A temporary folder whose marker is locked belongs to a run still writing: never removed."""
+    live = tmp_path / f".out.lns-tmp-{os.getpid()}-0123abcd"
+    live.mkdir()
+    with open(live / MARKER_NAME, "w") as marker:
+        fcntl.flock(marker.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = invoke_cli("convert", str(models["stock"]), "--out", str(tmp_path / "out"))
+        assert result.returncode == 0, result.stderr
+        assert "removed" not in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, "out"])
+
+
+@pytest.fixture(scope="module")
+def large_checkpoint(tmp_path_factory):
+    """A ~300 MB Llama checkpoint of random weights in 24 shards, written straight with safetensors."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("large") / "llama-300mb"
+    folder.mkdir()
+    config = LlamaConfig(vocab_size=16000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        shapes = {name: tensor.shape for name, tensor in LlamaForCausalLM(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    shards, current, size = [], {}, 0
+    for name, shape in shapes.items():
+        current[name] = torch.randn(shape, generator=generator) * 0.02
+        size += current[name].numel() * 4
+        if size >= 12_000_000:
+            shards.append(current)
+            current, size = {}, 0
+    if current:
+        shards.append(current)
+    weight_map = {}
+    for number, tensors in enumerate(shards, start=1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    total = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
+    assert total > 250_000_000 and len(shards) > 10
+    return folder
+
+
+def _signal_mid_copy(source: Path, out: Path, signum: int) -> subprocess.CompletedProcess:
+    """Start `lns-surgery convert SOURCE --out OUT --link copy` and send ``signum`` once the first
+    shard is in its temporary folder (and not yet all of them)."""
+    shards = len(list(source.glob("*.safetensors")))
+    process = subprocess.Popen([sys.executable, "-m", "lns_surgery", "convert", str(source), "--out", str(out),
+                                "--link", "copy"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, stdin=subprocess.DEVNULL)
+    copied = 0
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        copied = sum(len(list(folder.glob("*.safetensors"))) for folder in out.parent.glob(f".{out.name}.lns-tmp-*"))
+        if copied >= 1:
+            process.send_signal(signum)
+            break
+        time.sleep(0.001)
+    stdout, stderr = process.communicate(timeout=120)
+    assert 1 <= copied < shards, f"not stopped mid-copy ({copied} of {shards} shards): {stderr[-1500:]}"
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_convert_killed_mid_copy_leaves_nothing_at_out_and_the_next_run_cleans_up(large_checkpoint, tmp_path):
+    source_before = tree_state(large_checkpoint)
+    out = tmp_path / "converted"
+
+    # SIGTERM: the process removes its own temporary folder on the way out.
+    stopped = _signal_mid_copy(large_checkpoint, out, signal.SIGTERM)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-1500:]
+    assert stopped.stderr.strip().splitlines()[-1] == "terminated"
+    assert list(tmp_path.iterdir()) == []
+
+    # SIGKILL: nothing can run, so the half-written temporary folder stays beside --out ...
+    killed = _signal_mid_copy(large_checkpoint, out, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    leftovers = [path.name for path in tmp_path.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".converted.lns-tmp-")
+
+    # ... until the next run beside the same --out, which removes it, says so, and succeeds.
+    result = invoke_cli("convert", str(large_checkpoint), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"removed 1 temporary folder(s) that stopped runs left beside '{out}': {leftovers[0]}" in result.stderr
+    assert [path.name for path in tmp_path.iterdir()] == ["converted"]
+    assert (out / MARKER_NAME).is_file() and (out / "modeling_lns.py").is_file()
+    assert tree_state(large_checkpoint) == source_before
