@@ -20,7 +20,7 @@ LAYER_KEYS = {"index", "block", "lns_scale", "output_variance", "residual_norm",
               "mlp_update_norm", "angular_distance_next", "removal_perplexity", "removal_loss_increase"}
 MODEL_KEYS = {"name", "status", "lns_alpha", "model_type", "num_layers", "num_parameters", "dtype", "data", "windows",
               "seq_len", "tokens", "perplexity", "loss", "embedding_variance", "angular_distance_tokens",
-              "angular_distance", "angular_distance_plot", "tasks", "layers"}
+              "angular_distance", "angular_distance_plot", "tasks", "effective_scales_source", "layers"}
 
 
 def _finite_numbers(value):
@@ -60,13 +60,18 @@ def test_analyze_stories_stock_lns_and_folded_side_by_side(tmp_path, stories_pat
         assert 1 < model["perplexity"] < 512  # better than uniform over the 512-token vocabulary
         assert [len(row) for row in model["angular_distance"]] == [5, 4, 3, 2, 1]
         for layer in model["layers"]:
-            assert set(layer) == LAYER_KEYS
+            # LNS and folded models record their source (stories260K, here): their effective scales are measured
+            assert set(layer) == LAYER_KEYS | ({"effective_scale"} if model["status"] != "stock" else set())
             assert layer["removal_perplexity"] > 0 and layer["output_variance"] > 0
             assert 0 < layer["angular_distance_next"] < 1
             assert layer["removal_loss_increase"] == pytest.approx(math.log(layer["removal_perplexity"] / model["perplexity"]), abs=1e-9)
         assert _is_png(out / model["angular_distance_plot"])
     assert [layer["lns_scale"] for layer in lns["layers"]] == pytest.approx([1 / math.sqrt(b) for b in range(1, 6)])
     assert [layer["lns_scale"] for layer in stock["layers"]] == [1.0] * 5
+    for model in (lns, folded):  # right after conversion, the effective scale is the nominal one
+        assert model["effective_scales_source"] == str(stories_path)
+        for layer in model["layers"]:
+            assert list(layer["effective_scale"].values()) == pytest.approx([layer["lns_scale"]] * 2, rel=1e-6)
     # Block 1 is unscaled, so its output is the stock one; later blocks differ.
     assert lns["layers"][0]["output_variance"] == pytest.approx(stock["layers"][0]["output_variance"], rel=1e-6)
     assert lns["layers"][4]["output_variance"] != pytest.approx(stock["layers"][4]["output_variance"], rel=1e-3)

@@ -29,10 +29,13 @@ import click
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="auto: float32 on CPU, the checkpoint's dtype on an accelerator.")
+@click.option("--source", default=None, type=click.Path(),
+              help="Checkpoint (folder) to measure each LNS model's effective scales against: ||c*w|| / ||w_source|| per "
+                   "block and norm, 1 where training undid the scaling  [default: the source an LNS model records].")
 @click.option("--trust-remote-code", is_flag=True, help="Allow running a checkpoint's own modeling code.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if lns-surgery wrote it (or it is empty).")
 def analyze_command(models, data, out, max_tokens, seq_len, batch_size, last_token, tasks, tasks_include, tasks_limit, text_field,
-                    split, tokenizer, device, dtype, trust_remote_code, overwrite):
+                    split, tokenizer, device, dtype, source, trust_remote_code, overwrite):
     """Measure how much each block of MODELS (folders, Hub ids or builtin: names) contributes.
 
     Writes report.json, summary.md and plots (variance per block, angular-distance heatmaps, layer-removal
@@ -47,7 +50,7 @@ def analyze_command(models, data, out, max_tokens, seq_len, batch_size, last_tok
                      last_token=last_token, tasks=tasks, tasks_limit=tasks_limit, tasks_include=list(tasks_include),
                      overwrite=overwrite,
                      tokenizer=tokenizer, text_field=text_field, split=split, device=device, dtype=dtype,
-                     trust_remote_code=trust_remote_code)
+                     trust_remote_code=trust_remote_code, source=source)
     for model in report["models"]:
         worst = max((layer for layer in model["layers"] if layer["removal_loss_increase"] is not None),
                     key=lambda layer: layer["removal_loss_increase"], default=None)

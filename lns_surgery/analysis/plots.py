@@ -2,6 +2,7 @@
 
 - ``variance.png``: output variance of the residual stream after each block, models overlaid (log scale);
 - ``removal.png``: loss increase when each block is bypassed, models overlaid;
+- ``effective-scales.png``: each LNS model's effective scale per block and norm against its source;
 - ``angular-<model>.png``: the angular distance between the inputs of blocks l and l+n, one heatmap
   per model, all on the same colour scale so that they can be compared.
 """
@@ -83,6 +84,38 @@ def _angular_heatmap(model: dict, vmax: float, path: Path) -> None:
     plt.close(figure)
 
 
+def _effective_scales(report: dict, path: Path) -> None:
+    """Each LNS model's effective scale per block and norm, over the nominal 1/sqrt(l) and the line at 1
+    (where training would have undone the scaling)."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    nominal = None
+    for model in report["models"]:
+        if not model.get("effective_scales_source"):
+            continue
+        layers = model["layers"]
+        nominal = nominal or [(layer["block"], layer["lns_scale"]) for layer in layers]
+        for norm in layers[0]["effective_scale"]:
+            points = [(layer["block"], layer["effective_scale"][norm]) for layer in layers
+                      if layer["effective_scale"][norm] is not None]
+            if points:
+                axes.plot(*zip(*points), marker="o", markersize=3, label=f"{model['name']}: {norm}")
+    if nominal:
+        axes.plot(*zip(*nominal), color="black", linestyle="--", linewidth=1, label="nominal scale (this model's alpha)")
+    axes.axhline(1.0, color="grey", linewidth=0.8)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("block l (1 = first)")
+    axes.set_ylabel("||c w|| / ||w_source||")
+    axes.set_title("Effective LNS scale against the source checkpoint (1 = scaling undone)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def write_plots(report: dict, folder: Path) -> list[Path]:
     """Write every plot of ``report`` into ``folder``; returns their paths."""
     folder = Path(folder)
@@ -93,6 +126,10 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
     path = folder / report["plots"]["removal"]
     _overlay(report, "removal_loss_increase", "loss increase (nats/token)", "Layer removal: loss increase when a block is bypassed", path)
     written.append(path)
+    if "effective_scales" in report["plots"]:
+        path = folder / report["plots"]["effective_scales"]
+        _effective_scales(report, path)
+        written.append(path)
     values = [v for m in report["models"] for row in m["angular_distance"] for v in row if v is not None]
     vmax = max(values, default=1.0) or 1.0
     for model in report["models"]:

@@ -9,7 +9,8 @@
       "settings": {"source", "max_tokens", "seq_len", "batch_size", "last_token", "text_field", "split",
                    "tasks", "tasks_include", "tasks_limit"},  # as given (seq_len null = each model's default;
                                                      # tasks_include: the task folders, absolute)
-      "plots": {"variance": "variance.png", "removal": "removal.png"},   # models overlaid
+      "plots": {"variance": "variance.png", "removal": "removal.png",   # models overlaid
+                "effective_scales": "effective-scales.png"},           # only when a model has them
       "models": [                                    # one entry per model, in the order given
         {
           "name": str,                               # as given on the command line
@@ -26,6 +27,7 @@
                                                      # arccos(cos)/pi between the inputs of blocks l and
                                                      # l+n (0-based; "input of block L" = last block's output)
           "angular_distance_plot": "angular-<name>.png",  # its heatmap
+          "effective_scales_source": str | null,     # the checkpoint the effective scales compare with
           "tasks": {task: {metric: float}} | null,   # lm-eval on the whole model (with --tasks), keyed by
                                                      # each task's own name (a YAML file's `task:`); groups
                                                      # appear when lm-eval aggregates them
@@ -42,7 +44,10 @@
               "angular_distance_next": float,        # = angular_distance[index][0]: input vs output of the block
               "removal_perplexity": float | null,    # perplexity with this block bypassed
               "removal_loss_increase": float | null, # its loss minus the model's loss (nats/token)
-              "removal_tasks": {task: {metric: float}}  # only with --tasks: lm-eval with the block bypassed
+              "removal_tasks": {task: {metric: float}}, # only with --tasks: lm-eval with the block bypassed
+              "effective_scale": {norm: float}       # LNS models whose source is known: ||c*w|| / ||w_source||
+                                                     # per scaled norm (lns_scale after conversion, 1 where
+                                                     # training has undone the scaling)
             }
           ]
         }
@@ -96,15 +101,15 @@ def _tool_version() -> str:
 def build_report(entries: list[dict], settings: dict) -> dict:
     names = [entry["name"] for entry in entries]
     entries = [{**entry, "angular_distance_plot": f"angular-{slug}.png"} for entry, slug in zip(entries, slugs(names))]
+    plots = {"variance": "variance.png", "removal": "removal.png"}
+    if any(entry.get("effective_scales_source") for entry in entries):
+        plots["effective_scales"] = "effective-scales.png"
     return json_safe({
         "schema_version": SCHEMA_VERSION,
         "tool_version": _tool_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": settings,
-        "plots": {
-            "variance": "variance.png",
-            "removal": "removal.png",
-        },
+        "plots": plots,
         "models": entries,
     })
 
@@ -154,6 +159,13 @@ def summary_markdown(report: dict) -> str:
                  layer["removal_loss_increase"]] for layer in model["layers"]]
         lines += _table(["block", "LNS scale", "output variance", "attention update", "MLP update",
                          "angular dist. to next", "removal perplexity", "Δloss"], rows)
+        if model.get("effective_scales_source"):
+            norms = list(model["layers"][0]["effective_scale"])
+            lines += ["", f"Effective LNS scale ||c*w|| / ||w_source|| against `{model['effective_scales_source']}` "
+                          "(the nominal scale right after conversion; 1 means training undid the scaling):", ""]
+            rows = [[layer["block"], layer["lns_scale"]] + [layer["effective_scale"][norm] for norm in norms]
+                    for layer in model["layers"]]
+            lines += _table(["block", "nominal"] + norms, rows)
         if model.get("tasks"):
             lines += ["", "lm-eval, whole model and with each block bypassed:", ""]
             metrics = [(task, metric) for task, values in model["tasks"].items() for metric in values if "stderr" not in metric]
@@ -174,6 +186,8 @@ def summary_markdown(report: dict) -> str:
         lines += _table(["block"] + [m["name"] for m in models], rows)
     lines += ["", f"![output variance]({report['plots']['variance']})", "",
               f"![removal]({report['plots']['removal']})", ""]
+    if "effective_scales" in report["plots"]:
+        lines += [f"![effective LNS scales]({report['plots']['effective_scales']})", ""]
     return "\n".join(lines)
 
 

@@ -84,6 +84,7 @@ def analyze_model(
     text_field: str = "text",
     split: str = "validation",
     progress: bool = False,
+    source: str | None = None,
 ) -> dict:
     """Depth measures of one model in memory, as a report entry (see ``lns_surgery.analysis``).
 
@@ -91,10 +92,12 @@ def analyze_model(
     case ``data`` (a file, Hub dataset or list of strings) is tokenised into windows of ``seq_len``
     (at most ``max_tokens`` tokens). Nothing is written to disk; the model is left as it was.
     ``tasks`` (lm-eval names, task YAML files, or names from the task folders ``tasks_include``)
-    also need a tokenizer; they are all resolved before the model runs.
+    also need a tokenizer; they are all resolved before the model runs. ``source`` is the checkpoint
+    the effective LNS scales are measured against (default: the one an LNS model records).
     """
     import torch
 
+    from lns_surgery.analysis.effective_scales import effective_scales
     from lns_surgery.analysis.measures import depth_measures, unwrap
     from lns_surgery.analysis.tasks import removal_task_sweep, resolve_tasks
 
@@ -123,6 +126,7 @@ def analyze_model(
     status, alpha = model_status(model)
     count = measured["num_layers"]
     scales = layer_scales(model, count)
+    effective = effective_scales(model, source)
     whole_tasks, block_tasks = None, [None] * count
     if task_plan is not None:
         whole_tasks, block_tasks = removal_task_sweep(model, tokenizer, task_plan, batch_size=batch_size,
@@ -144,6 +148,8 @@ def analyze_model(
         }
         if task_plan is not None:
             entry["removal_tasks"] = block_tasks[index]
+        if effective is not None:
+            entry["effective_scale"] = dict(zip(effective["norms"], effective["per_block"][index]))
         layers.append(entry)
     return {
         "name": str(name),
@@ -163,6 +169,7 @@ def analyze_model(
         "angular_distance_tokens": "last" if last_token else "all",
         "angular_distance": measured["angular_distance"],
         "tasks": whole_tasks,
+        "effective_scales_source": effective["source"] if effective is not None else None,
         "layers": layers,
     }
 
@@ -264,6 +271,7 @@ def analyze(
     trust_remote_code: bool = False,
     names: list[str] | None = None,
     progress: bool = True,
+    source: str | None = None,
 ) -> dict:
     """Analyse each model (a folder, Hub id, ``builtin:`` name, or a model in memory) on ``data``
     and write ``report.json``, ``summary.md`` and the plots into the folder ``out``; returns the report.
@@ -272,7 +280,8 @@ def analyze(
     is written (``overwrite`` replaces an existing folder). ``tokenizer`` (a tokenizer or a path) is
     used for every model; by default each model's own is loaded from its folder. ``tasks`` (lm-eval
     task names, task YAML files, or names of tasks in the folders ``tasks_include``) are resolved and
-    their documents loaded before any model is, too.
+    their documents loaded before any model is, too. ``source`` (a folder) is the checkpoint each LNS
+    model's effective scales are measured against, instead of the source it records.
     """
     import torch
 
@@ -289,7 +298,9 @@ def analyze(
     if names is not None and len(names) != len(models):
         raise LNSError("give one name per model")
     out = Path(out)
-    inputs = _local_inputs(models, data, tokenizer, tasks, tasks_include)
+    inputs = _local_inputs([*models, *([source] if source else [])], data, tokenizer, tasks, tasks_include)
+    if source is not None and not Path(_model_folder(str(source))).expanduser().is_dir():
+        raise LNSError(f"--source '{source}' is not a checkpoint folder on this machine")
     check_output(out, overwrite, inputs, report=True)
     if not isinstance(data, (str, Path)):
         data = list(data)  # every model reads the same documents
@@ -335,6 +346,7 @@ def analyze(
         entry = analyze_model(
             model, plan["windows"], name=plan["label"], batch_size=batch_size, last_token=last_token,
             tasks=task_plan, tasks_limit=tasks_limit, tokenizer=plan["tokenizer"], progress=progress,
+            source=_model_folder(str(source)) if source else None,
         )
         entry["data"] = describe_source(data)
         entries.append(entry)

@@ -1,0 +1,108 @@
+"""Did healing keep the surgery? The effective LNS scale of each scaled norm, against the source checkpoint.
+
+On a pretrained model LNS is a reparametrisation: a norm whose weights learn ``w -> sqrt(l) * w``
+computes exactly what the unscaled source norm did. So what a healed model applies is not its nominal
+scale ``c_l`` but
+
+    effective scale = || c_l * w_l || / || w_l(source) ||
+
+with ``w`` the norm's effective weight (``w``, or ``1 + w`` for norms that compute ``(1 + w) * x_hat``).
+It equals ``c_l`` right after conversion and 1 where training has undone the scaling. A folded
+checkpoint carries ``c_l * w_l`` in its weights; a norm without weights keeps ``c_l`` whatever training
+does. The source is the ``source`` record LNS checkpoints keep, or a folder the user names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lns_surgery.errors import LNSError
+
+
+def _lns_record(config) -> tuple[dict | None, bool]:
+    lns = getattr(config, "lns", None)
+    if isinstance(lns, dict):
+        return lns, False
+    folded = getattr(config, "lns_folded", None)
+    return (folded, True) if isinstance(folded, dict) else (None, False)
+
+
+def source_of(model) -> str | None:
+    """The source checkpoint an LNS (or folded) model records, if it is a folder on this machine."""
+    lns, _ = _lns_record(model.config)
+    source = ((lns or {}).get("source") or {}).get("model")
+    if not source:
+        return None
+    if str(source).startswith("builtin:"):
+        from lns_surgery.conversion.builtin import builtin_path
+
+        return str(builtin_path(str(source)[len("builtin:"):]))
+    return str(source) if Path(source).expanduser().is_dir() else None
+
+
+def _source_tensors(folder: str, model, wanted: list[str]) -> dict[str, torch.Tensor]:
+    """The source checkpoint's tensors for the module parameter names ``wanted``, read from its files
+    (transformers' own key renames applied, as when it loads them)."""
+    from lns_surgery.conversion import checkpoint
+    from lns_surgery.conversion.tensor_names import file_keys_by_module_key
+
+    tensors = checkpoint.weight_map(Path(folder).expanduser())
+    if tensors is None:
+        raise LNSError(f"the source '{folder}' has no safetensors weights to compare the norms with")
+    file_keys = file_keys_by_module_key(model, tensors)
+    missing = [name for name in wanted if name not in file_keys]
+    if missing:
+        raise LNSError(f"the source '{folder}' has no tensor for '{missing[0]}': is it this model's source checkpoint?")
+    return {name: checkpoint.read_tensor(tensors[file_keys[name]]).float() for name in wanted}
+
+
+def effective_scales(model, source: str | None = None) -> dict | None:
+    """Per block and scaled norm, the effective LNS scale against the source checkpoint.
+
+    Returns ``{"source": folder, "norms": [...], "per_block": [[float | None per norm]], "nominal": [c_l]}``,
+    or None for a stock model or an LNS model whose source is unknown (not recorded, not on this machine,
+    and not given).
+    """
+    from lns_surgery.analysis.measures import unwrap
+    from lns_surgery.modeling.lns_layers import layer_scale, resolve_layers
+
+    model = unwrap(model)
+    lns, folded = _lns_record(model.config)
+    if lns is None:
+        return None
+    source = source or source_of(model)
+    if source is None:
+        return None
+    rule = lns.get("fold_rule") or {"gemma_rmsnorm": "one_plus"}.get(lns.get("norm_kind"), "scale")
+    blocks = resolve_layers(model, lns["layers"])
+    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    nominal = [layer_scale(index, float(lns.get("alpha", 1.0))) for index in range(len(blocks))]
+    weights = {}
+    for index, block in enumerate(blocks):
+        for norm in lns["norms"]:
+            weight = getattr(block.get_submodule(norm), "weight", None)
+            if isinstance(weight, torch.Tensor):
+                weights[f"{prefix}.{index}.{norm}.weight"] = weight.detach().float().cpu()
+    originals = _source_tensors(source, model, list(weights))
+
+    def effective(tensor):
+        return 1.0 + tensor if rule == "one_plus" else tensor
+
+    per_block = []
+    for index in range(len(blocks)):
+        row = []
+        for norm in lns["norms"]:
+            key = f"{prefix}.{index}.{norm}.weight"
+            if key not in weights:  # no weights: nothing training can change
+                row.append(nominal[index])
+                continue
+            if originals[key].shape != weights[key].shape:
+                raise LNSError(f"the source '{source}' has '{key}' of shape {tuple(originals[key].shape)}, this model "
+                               f"{tuple(weights[key].shape)}: it is not this model's source checkpoint")
+            scale = 1.0 if folded else nominal[index]  # a folded weight already carries c_l
+            reference = effective(originals[key]).norm().item()
+            row.append(scale * effective(weights[key]).norm().item() / reference if reference > 0 else None)
+        per_block.append(row)
+    return {"source": str(source), "norms": list(lns["norms"]), "per_block": per_block, "nominal": nominal}
