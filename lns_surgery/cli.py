@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from lns_surgery.errors import LNSError
+from lns_surgery.errors import LNSError, first_line
 
 # command name -> (module, attribute, one-line help shown by `lns-surgery --help`)
 COMMANDS = {
@@ -61,6 +61,25 @@ class LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's own usage errors (an unknown option, a bad value) as one line, exit 2, like every
+        other error a user can cause; click prints three lines by itself."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx):
         try:  # only the main thread may set handlers (a caller may run the CLI in another)
             previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -71,6 +90,14 @@ class LazyGroup(click.Group):
         except LNSError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except (click.ClickException, click.Abort, click.exceptions.Exit):
+            raise
+        except Exception as exc:  # a bug, or a library failing in a way nothing here anticipated
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: internal error ({type(exc).__name__}: {first_line(exc)}); run again with "
+                       "`lns-surgery --debug ...` (or LNS_SURGERY_DEBUG=1) for the traceback", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -93,6 +120,8 @@ def _show_warnings() -> None:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lns-surgery")
-def main():
+@click.option("--debug", is_flag=True, envvar="LNS_SURGERY_DEBUG",
+              help="Show the full traceback of an internal error instead of one line.")
+def main(debug):
     """LayerNorm Scaling surgery for pretrained Hugging Face decoders."""
     _show_warnings()

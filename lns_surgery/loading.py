@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lns_surgery.errors import LNSError
+from lns_surgery.errors import LNSError, first_line
 
 
 def _config_dict(path: str | Path) -> dict | None:
@@ -20,8 +20,15 @@ def _register_lns_classes(path) -> bool:
     only when it is LNS but its base model is itself custom code (then only remote code can load it)."""
     from lns_surgery.modeling.auto import register
 
+    from lns_surgery.conversion.checkpoint import lns_record_problem
+
     config = _config_dict(path)
-    if config is None or not config.get("lns"):
+    if config is None:
+        return True
+    problem = lns_record_problem(config)
+    if problem:
+        raise LNSError(f"'{path}': {problem}")
+    if not config.get("lns"):
         return True
     return register(config["lns"]) is not None
 
@@ -38,10 +45,15 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, **kwargs):
     path = _resolve_builtin(path)
     if not _register_lns_classes(path) and not trust_remote_code:
         raise LNSError(f"'{path}' is built on custom code; pass trust_remote_code=True")
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as exc:
-        raise LNSError(f"could not load a model from '{path}': {str(exc).strip().splitlines()[0]}") from None
+    except (OSError, ValueError, TypeError, ImportError, StrictDataclassError) as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise LNSError(f"'{path}' is defined by code inside the checkpoint; pass --trust-remote-code to run it "
+                           "(read it first)") from None
+        raise LNSError(f"could not load a model from '{path}': {first_line(exc)}") from None
 
 
 def _resolve_builtin(path):
@@ -59,7 +71,9 @@ def load_tokenizer(path: str | Path, **kwargs):
     # AutoTokenizer reads config.json too: unregistered, an LNS model_type with an auto_map makes
     # transformers ask on the terminal whether to run the folder's code.
     _register_lns_classes(path)
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise LNSError(f"could not load a tokenizer from '{path}': {str(exc).strip().splitlines()[0]}") from None
+    except (OSError, ValueError, TypeError, StrictDataclassError) as exc:  # it reads config.json too
+        raise LNSError(f"could not load a tokenizer from '{path}': {first_line(exc)}") from None

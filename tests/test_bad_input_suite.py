@@ -274,6 +274,116 @@ def _push_whose_upload_fails(p):
     return ["push", str(model), "--repo-id", REPO_ID, "--token", "hf_NotARealToken"]
 
 
+def _edit_config(folder: Path, **changes) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if "." in key:  # lns.alpha
+            outer, inner = key.split(".")
+            config[outer][inner] = value
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _damage_header(model: Path, how: str) -> None:
+    """Rewrite the safetensors header in place (same length) so that its offsets lie."""
+    import struct
+
+    path = model / "model.safetensors"
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    name = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])[1]
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = {"overlap": [begin - 4, end], "reversed": [end, begin],
+                                    "shape": [begin, end - 4]}[how]
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(data[:8] + encoded + b" " * (length - len(encoded)) + data[8 + length:])
+
+
+def _convert_config_field_of_the_wrong_type(p):
+    return ["convert", str(_edit_config(p.model("m"), num_hidden_layers="5")), "--out", str(p.root / "out")]
+
+
+def _fold_lns_record_that_is_not_an_object(p):
+    return ["fold", str(_edit_config(p.model("m", "lns"), lns="yes")), "--out", str(p.root / "out")]
+
+
+def _fold_alpha_out_of_range(p):
+    return ["fold", str(_edit_config(p.model("m", "lns"), **{"lns.alpha": 3.0})), "--out", str(p.root / "out")]
+
+
+def _analyze_alpha_out_of_range(p):
+    return _analyze(_edit_config(p.model("m", "lns"), **{"lns.alpha": 3.0}), p.text("data.txt"), p.root / "out")
+
+
+def _convert_index_names_a_file_outside(p):
+    model = p.model("m")
+    (model / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../elsewhere.safetensors"}}))
+    return ["convert", str(model), "--out", str(p.root / "out")]
+
+
+def _damaged_offsets(how, mode):
+    def setup(p):
+        model = p.model("m")
+        _damage_header(model, how)
+        return ["convert", str(model), "--out", str(p.root / "out"), "--mode", mode]
+    return setup
+
+
+def _convert_layers_not_a_block_list(p):
+    return ["convert", str(p.model("m")), "--out", str(p.root / "out"), "--layers", "model.norm"]
+
+
+def _convert_norm_named_twice(p):
+    return ["convert", str(p.model("m")), "--out", str(p.root / "out"), "--norms", "input_layernorm,input_layernorm"]
+
+
+def _convert_norm_that_is_not_a_pre_norm(p):
+    return ["convert", str(p.model("m")), "--out", str(p.root / "out"), "--norms", "input_layernorm,self_attn.q_proj"]
+
+
+def _convert_final_norm(p):
+    return ["convert", str(p.model("m")), "--out", str(p.root / "out"), "--layers", "model.layers", "--norms", "input_layernorm,norm"]
+
+
+def _convert_unknown_option(p):
+    return ["convert", str(p.model("m")), "--out", str(p.root / "out"), "--bogus"]
+
+
+def _analyze_custom_code_without_trust(p):
+    model = _edit_config(p.model("m"), model_type="someones_own",
+                         auto_map={"AutoConfig": "configuration_own.OwnConfig", "AutoModelForCausalLM": "modeling_own.Own"})
+    (model / "configuration_own.py").write_text("raise SystemExit('the folder code ran')\n")
+    return _analyze(model, p.text("data.txt"), p.root / "out")
+
+
+def _analyze_binary_data(p):
+    data = p.root / "data.txt"
+    data.write_bytes(bytes(range(256)) * 8)
+    return _analyze(p.model("m"), data, p.root / "out")
+
+
+def _recipe(p, extra: str, data: Path | None = None) -> Path:
+    recipe = p.recipe(p.model("m"), data or p.text("data.txt"))
+    recipe.write_text(recipe.read_text() + extra)
+    return recipe
+
+
+def _sft_recipe_value(extra: str):
+    def setup(p):
+        return ["sft", "--recipe", str(_recipe(p, extra)), "--output_dir", str(p.root / "out")]
+    return setup
+
+
+def _sft_empty_data(p):
+    empty = p.root / "empty.jsonl"
+    empty.write_text("")
+    return ["sft", "--recipe", str(_recipe(p, "", empty)), "--output_dir", str(p.root / "out")]
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -306,6 +416,25 @@ CASES = [
     Case("push-folder-holds-a-fifo", _push_folder_with_a_fifo, "is a named pipe (FIFO)"),
     Case("push-load-check-that-hangs", _push_load_check_that_hangs, "did not finish within 3 s"),
     Case("push-whose-upload-fails", _push_whose_upload_fails, "cannot reach the Hub"),
+    Case("convert-config-field-of-the-wrong-type", _convert_config_field_of_the_wrong_type, "expected int, got str"),
+    Case("fold-lns-record-not-an-object", _fold_lns_record_that_is_not_an_object, "'lns' must be an object"),
+    Case("fold-alpha-out-of-range", _fold_alpha_out_of_range, "'lns.alpha' must be a number from 0 to 1"),
+    Case("analyze-alpha-out-of-range", _analyze_alpha_out_of_range, "'lns.alpha' must be a number from 0 to 1"),
+    Case("convert-index-names-a-file-outside", _convert_index_names_a_file_outside, "not a file in the checkpoint's folder"),
+    Case("convert-overlapping-offsets", _damaged_offsets("overlap", "code"), "is damaged"),
+    Case("convert-offsets-end-before-start", _damaged_offsets("reversed", "code"), "is damaged"),
+    Case("fold-offsets-disagree-with-the-shape", _damaged_offsets("shape", "fold"), "is damaged"),
+    Case("convert-layers-not-a-block-list", _convert_layers_not_a_block_list, "not the list of decoder blocks"),
+    Case("convert-norm-named-twice", _convert_norm_named_twice, "more than once"),
+    Case("convert-norm-that-is-not-a-pre-norm", _convert_norm_that_is_not_a_pre_norm, "is not a pre-sublayer norm"),
+    Case("convert-final-norm", _convert_final_norm, "pass --force"),
+    Case("convert-unknown-option", _convert_unknown_option, "No such option '--bogus'"),
+    Case("analyze-binary-data", _analyze_binary_data, "is not UTF-8 text"),
+    Case("analyze-custom-code-without-trust", _analyze_custom_code_without_trust, "pass --trust-remote-code"),
+    Case("sft-recipe-export-not-a-choice", _sft_recipe_value("export: zip\n"), "export must be one of"),
+    Case("sft-recipe-format-not-a-choice", _sft_recipe_value("dataset_format: csv\n"), "dataset_format"),
+    Case("sft-recipe-learning-rate-a-list", _sft_recipe_value("learning_rate: [1, 2]\n"), "must be a number"),
+    Case("sft-empty-data", _sft_empty_data, "is empty"),
 ]
 
 

@@ -20,11 +20,12 @@ tokens of the stream. Windows never overlap; the remainder is dropped.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lns_surgery.errors import LNSError
+from lns_surgery.errors import LNSError, first_line
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 RECORD_SUFFIXES = (".jsonl", ".json")
@@ -38,6 +39,12 @@ def describe_source(source) -> str:
     return f"{len(source)} documents given in memory" if hasattr(source, "__len__") else "documents given in memory"
 
 
+def _not_text(path: Path, exc: UnicodeDecodeError) -> LNSError:
+    # Read leniently, a binary file would give a perplexity in the millions with no word of why.
+    return LNSError(f"'{path}' is not UTF-8 text (undecodable byte {exc.object[exc.start:exc.start + 1]!r}): "
+                    "is it a binary file?")
+
+
 def _text_file_tokens(tokenizer, path: Path, wanted: int) -> list[int]:
     """The first ``wanted`` tokens of a text file (all of them if it has fewer), reading only a
     prefix of it. The prefix is cut at a line break and doubled until it gives enough tokens, so
@@ -45,9 +52,12 @@ def _text_file_tokens(tokenizer, path: Path, wanted: int) -> list[int]:
     so pieces are never tokenised separately)."""
     budget = max(_TEXT_MIN_CHARS, 8 * wanted)
     text = ""
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8", errors="strict") as handle:
         while True:
-            text += handle.read(budget - len(text))
+            try:
+                text += handle.read(budget - len(text))
+            except UnicodeDecodeError as exc:
+                raise _not_text(path, exc) from None
             if len(text) < budget:  # the whole file is read
                 return tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
             cut = text.rfind("\n")
@@ -73,8 +83,15 @@ def _record_text(record, where: str, text_field: str) -> str:
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, encoding="utf-8", errors="strict") as handle:
+        lines = iter(handle)
+        for number in itertools.count(1):
+            try:
+                line = next(lines)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as exc:
+                raise _not_text(path, exc) from None
             if not line.strip():
                 continue
             try:
@@ -86,7 +103,9 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
 
 def _json_documents(path: Path, text_field: str) -> Iterator[str]:
     try:
-        document = json.loads(path.read_text(encoding="utf-8", errors="replace") or "[]")
+        document = json.loads(path.read_text(encoding="utf-8", errors="strict") or "[]")
+    except UnicodeDecodeError as exc:
+        raise _not_text(path, exc) from None
     except json.JSONDecodeError as exc:
         raise LNSError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); for one record per line use .jsonl") from None
     if isinstance(document, dict) and isinstance(document.get("data"), list):
@@ -108,8 +127,7 @@ def _hub_documents(name: str, split: str, text_field: str) -> Iterator[str]:
     except LNSError:
         raise
     except Exception as exc:  # datasets raises many kinds: offline, missing split, missing config, ...
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise LNSError(f"could not read '{name}' as a local file or a Hub dataset (split '{split}'): {first_line}") from None
+        raise LNSError(f"could not read '{name}' as a local file or a Hub dataset (split '{split}'): {first_line(exc)}") from None
 
 
 def iter_documents(source, *, text_field: str = "text", split: str = "validation") -> Iterator[str]:
@@ -128,7 +146,10 @@ def iter_documents(source, *, text_field: str = "text", split: str = "validation
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in TEXT_SUFFIXES:
-            yield path.read_text(encoding="utf-8", errors="replace")
+            try:
+                yield path.read_text(encoding="utf-8", errors="strict")
+            except UnicodeDecodeError as exc:
+                raise _not_text(path, exc) from None
         elif suffix == ".jsonl":
             yield from _jsonl_documents(path, text_field)
         elif suffix == ".json":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lns_surgery.analysis import report as report_module
 from lns_surgery.analysis.data import describe_source, token_windows
-from lns_surgery.errors import LNSError
+from lns_surgery.errors import LNSError, first_line
 
 DEFAULT_MAX_TOKENS = 100_000
 DEFAULT_SEQ_LEN = 512
@@ -223,8 +223,7 @@ def _checkpoint_config(folder: str) -> dict:
         try:
             config_path = Path(hf_hub_download(folder, "config.json"))
         except Exception as exc:  # offline, unknown repository, gated, ...
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise LNSError(f"'{folder}' is not a local folder and its config could not be fetched from the Hub: {first_line}") from None
+            raise LNSError(f"'{folder}' is not a local folder and its config could not be fetched from the Hub: {first_line(exc)}") from None
     try:
         return json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lns_surgery.errors import LNSError
+from lns_surgery.errors import LNSError, first_line
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -84,12 +84,6 @@ class TaskPlan:
 
 def _looks_like_path(spec: str) -> bool:
     return spec.lower().endswith(YAML_SUFFIXES) or "/" in spec or "\\" in spec or Path(spec).expanduser().exists()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    lines = str(text).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _unknown_name(spec: str, manager, include: list[str]) -> LNSError:
@@ -209,10 +203,10 @@ def _raise_build_error(spec: str, exc: Exception, manager, folders: list[str]):
     """The one-line error for a task that lm-eval, its own index included, could not build."""
     if isinstance(exc, KeyError):
         if spec in set(getattr(manager, "all_tasks", None) or ()) or Path(spec).is_file():
-            raise LNSError(f"lm-eval could not build task '{spec}': {_first_line(exc)}") from None
+            raise LNSError(f"lm-eval could not build task '{spec}': {first_line(exc)}") from None
         raise _unknown_name(spec, manager, folders) from None
     # a broken YAML file, a dataset that cannot be loaded, ...
-    raise LNSError(f"lm-eval could not build task '{spec}': {type(exc).__name__}: {_first_line(exc)}") from None
+    raise LNSError(f"lm-eval could not build task '{spec}': {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def resolve_tasks(tasks, include=None) -> TaskPlan | None:
@@ -254,7 +248,7 @@ def resolve_tasks(tasks, include=None) -> TaskPlan | None:
             try:
                 count = len(task.eval_docs)
             except Exception as exc:
-                raise LNSError(f"lm-eval task '{name}' has no documents to evaluate: {_first_line(exc)}") from None
+                raise LNSError(f"lm-eval task '{name}' has no documents to evaluate: {first_line(exc)}") from None
             if count == 0:
                 raise LNSError(f"lm-eval task '{name}' has no documents to evaluate")
     finally:
@@ -311,7 +305,7 @@ def evaluate_tasks(model, tokenizer, tasks, *, batch_size: int = 8, limit: int |
             output = lm_eval.simple_evaluate(model=harness_model, tasks=list(plan.specs), limit=limit,
                                              task_manager=plan.manager)
     except (KeyError, ValueError) as exc:
-        raise LNSError(f"lm-eval could not run {', '.join(plan.specs)}: {_first_line(exc)}") from None
+        raise LNSError(f"lm-eval could not run {', '.join(plan.specs)}: {first_line(exc)}") from None
     finally:
         logger.setLevel(previous)
     results = (output or {}).get("results") or {}

@@ -13,12 +13,14 @@ from lns_surgery.errors import LNSError
 logger = logging.getLogger(__name__)
 
 
-def architecture_for_model(model: nn.Module, layers: str | None = None, norms: list[str] | None = None) -> Architecture:
+def architecture_for_model(model: nn.Module, layers: str | None = None, norms: list[str] | None = None,
+                           force: bool = False) -> Architecture:
     """Where LNS acts in ``model``, with the norm form and fold rule proven on its own norm classes.
 
     The model's data flow decides, and a registry entry must agree with it (a checkpoint whose config
     changes the block, such as an MoE variant with a third pre-norm, is refused rather than converted
-    in part); ``layers``/``norms`` from the user override both. A registry entry marked untraceable
+    in part); ``layers``/``norms`` from the user override both (named norms must be pre-sublayer norms by
+    the data flow unless ``force``). A registry entry marked untraceable
     is used as it stands.
     """
     from lns_surgery.conversion.detect import detect_architecture, prove_norms, stock_classes
@@ -29,12 +31,12 @@ def architecture_for_model(model: nn.Module, layers: str | None = None, norms: l
                             dict(lns["base_classes"]))
     arch = lookup(model.config.model_type)
     if arch is not None and (layers is not None or norms is not None):
-        detected = detect_architecture(model, layers=layers or arch.layers, norms=norms)
+        detected = detect_architecture(model, layers=layers or arch.layers, norms=norms, force=force)
         return dataclasses.replace(detected, model_type=arch.model_type)
     if arch is not None and arch.untraceable:
         classes = stock_classes(model.config, type(model).__name__)
         return prove_norms(dataclasses.replace(arch, classes=classes), model)
-    detected = detect_architecture(model, layers=layers, norms=norms)
+    detected = detect_architecture(model, layers=layers, norms=norms, force=force)
     if arch is None:
         if layers is None and norms is None:
             warn_unregistered(detected)
@@ -67,6 +69,7 @@ def apply_layernorm_scaling(
     *,
     layers: str | None = None,
     norms: list[str] | None = None,
+    force: bool = False,
 ) -> nn.Module:
     """Turn a stock transformers model into its LNS counterpart, in place, and return it.
 
@@ -87,7 +90,7 @@ def apply_layernorm_scaling(
         raise LNSError("this model's weights already have LayerNorm Scaling folded in; scaling again would apply it twice")
     if type(model).__name__.startswith("Peft"):
         raise LNSError("apply LayerNorm Scaling before wrapping the model with PEFT")
-    arch = architecture_for_model(model, layers, norms)
+    arch = architecture_for_model(model, layers, norms, force)
     lns = arch.lns_block(alpha, source={"model": getattr(config, "name_or_path", "") or None})
     classes = register(lns)
     auto_name = next((auto for auto, name in arch.classes.items() if name == type(model).__name__), None)

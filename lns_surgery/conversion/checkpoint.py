@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lns_surgery import outputs
-from lns_surgery.errors import LNSError
+from lns_surgery.errors import LNSError, first_line
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -48,15 +48,10 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> tu
     try:
         folder = snapshot_download(repo_id=text, revision=revision)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
-        raise LNSError(f"'{source}' is not a local folder and could not be fetched from the Hub (offline?): {_first_line(exc)}") from None
+        raise LNSError(f"'{source}' is not a local folder and could not be fetched from the Hub (offline?): {first_line(exc)}") from None
     except (HfHubHTTPError, ValueError, OSError) as exc:
-        raise LNSError(f"could not fetch '{source}' from the Hub: {_first_line(exc)}") from None
+        raise LNSError(f"could not fetch '{source}' from the Hub: {first_line(exc)}") from None
     return Path(folder), {"model": text, "revision": revision or "main"}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def read_config(folder: Path) -> dict:
@@ -69,7 +64,41 @@ def read_config(folder: Path) -> dict:
         raise LNSError(f"'{path}' is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise LNSError(f"'{path}' has no model_type")
+    problem = lns_record_problem(config)
+    if problem:
+        raise LNSError(f"'{path}': {problem}")
     return config
+
+
+def lns_record_problem(config: dict) -> str | None:
+    """What is wrong with a config's ``lns`` / ``lns_folded`` record (hand-edited, or from another tool),
+    or None. A wrong type or an alpha outside [0, 1] would otherwise fail deep inside, or scale silently
+    wrong (alpha 3 gives negative scales)."""
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for key in ("lns", "lns_folded"):
+        if key not in config:
+            continue
+        record = config[key]
+        if not isinstance(record, dict):
+            return f"'{key}' must be an object, not {type(record).__name__} {record!r}"
+        if not isinstance(record.get("layers"), str) or not record["layers"]:
+            return f"'{key}.layers' must name the decoder blocks (a module path such as 'model.layers')"
+        norms = record.get("norms")
+        if not isinstance(norms, list) or not norms or not all(isinstance(n, str) and n for n in norms):
+            return f"'{key}.norms' must be a non-empty list of norm names"
+        alpha = record.get("alpha", 1.0)
+        if not number(alpha) or not 0.0 <= alpha <= 1.0:
+            return f"'{key}.alpha' must be a number from 0 to 1, got {alpha!r}"
+        if key == "lns" and not isinstance(record.get("base_model_type"), str):
+            return "'lns.base_model_type' must name the base model type"
+        if key == "lns" and not isinstance(record.get("base_classes"), dict):
+            return "'lns.base_classes' must map Auto classes to the base model's classes"
+        scales = record.get("scales")
+        if scales is not None and not (isinstance(scales, list) and all(number(v) for v in scales)):
+            return f"'{key}.scales' must be a list of numbers"
+    return None
 
 
 def write_json(path: Path, document: dict) -> None:
@@ -105,16 +134,42 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise LNSError(f"'{path.name}' has a damaged header") from None
     data_start = 8 + header_length
+    if not isinstance(header, dict):
+        raise LNSError(f"'{path.name}' has a damaged header (not a JSON object)")
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if not _header_entry_ok(info):
+            raise LNSError(f"'{path.name}' has a damaged header entry for '{name}'")
         begin, end = info["data_offsets"]
         entries[name] = TensorEntry(path, info["dtype"], tuple(info["shape"]), data_start + begin, data_start + end)
     expected = max((entry.end for entry in entries.values()), default=data_start)
     if size < expected:
         raise LNSError(f"'{path.name}' is truncated: {size} bytes, its header needs {expected}")
+    _check_with_safetensors(path)
     return entries
+
+
+def _header_entry_ok(info) -> bool:
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        return False
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    integers = lambda values: isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                               for v in values)
+    return integers(shape) and integers(offsets) and len(offsets) == 2
+
+
+def _check_with_safetensors(path: Path) -> None:
+    """safetensors' own checks of the header: offsets that match each tensor's shape and dtype, contiguous
+    and without overlap, covering the file. Memory-maps the file; reads no tensor data."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:  # SafetensorError, or an OSError from the mapping
+        raise LNSError(f"'{path.name}' is damaged: {first_line(exc)}") from None
 
 
 def weight_map(folder: Path) -> dict[str, TensorEntry] | None:
@@ -128,7 +183,12 @@ def weight_map(folder: Path) -> dict[str, TensorEntry] | None:
             shard_of = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError):
             raise LNSError(f"'{index.name}' is damaged (no weight_map)") from None
+        if not isinstance(shard_of, dict) or not all(isinstance(v, str) for v in shard_of.values()):
+            raise LNSError(f"'{index.name}' is damaged (its weight_map is not a mapping of tensor names to files)")
         shards = sorted(set(shard_of.values()))
+        outside = [shard for shard in shards if Path(shard).name != shard or shard in (".", "..")]
+        if outside:  # the copy and an upload take the folder's own files only: such a shard would be lost
+            raise LNSError(f"{index.name} names shard '{outside[0]}', which is not a file in the checkpoint's folder")
         missing = [shard for shard in shards if not (folder / shard).is_file()]
         if missing:
             raise LNSError(f"shard '{missing[0]}' named in {index.name} is missing from '{folder}'")

@@ -28,18 +28,20 @@ def _quiet_transformers() -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow running the input checkpoint's own modeling code.")
 @click.option("--layers", default=None, help="Dotted path of the decoder block list, for architectures the registry lacks.")
 @click.option("--norms", default=None, help="Comma-separated names of the two pre-sublayer norms inside a block.")
+@click.option("--force", is_flag=True,
+              help="Scale the --norms given even where the model's data flow shows they are not pre-sublayer norms.")
 @click.option("--revision", default=None, help="Hub revision when MODEL is a Hub id.")
 @click.option("--link", type=click.Choice(["auto", "copy", "hardlink"]), default="auto", show_default=True,
               help="How weight files are copied: auto = copy-on-write clone if possible, else a copy.")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None,
               help="Then validate and publish the output as Hub repository REPO (token: HF_TOKEN or the stored login).")
-def convert_command(model, out, mode, alpha, overwrite, trust_remote_code, layers, norms, revision, link, push_to_hub):
+def convert_command(model, out, mode, alpha, overwrite, trust_remote_code, layers, norms, force, revision, link, push_to_hub):
     """Convert MODEL (a local folder or a Hub id) to LayerNorm Scaling."""
     _quiet_transformers()
     from lns_surgery.conversion.convert import convert
 
     path = convert(model, out, mode=mode, alpha=alpha, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                   layers=layers, norms=_norm_list(norms), revision=revision, link=link)
+                   layers=layers, norms=_norm_list(norms), revision=revision, link=link, force=force)
     if mode == "code":
         click.echo(f"wrote {path}: load it with AutoModelForCausalLM.from_pretrained('{path}', trust_remote_code=True)")
     else:
@@ -69,14 +71,15 @@ def fold_command(model, out, overwrite, link):
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--layers", default=None)
 @click.option("--norms", default=None)
+@click.option("--force", is_flag=True, help="Accept --norms the data flow does not show as pre-sublayer norms.")
 @click.option("--revision", default=None)
-def inspect_command(model, as_json, trust_remote_code, layers, norms, revision):
+def inspect_command(model, as_json, trust_remote_code, layers, norms, force, revision):
     """Show MODEL's layers, which norms get which scale, and its LNS status."""
     _quiet_transformers()
     from lns_surgery.conversion.convert import inspect_checkpoint
 
     report = inspect_checkpoint(model, trust_remote_code=trust_remote_code, layers=layers,
-                                norms=_norm_list(norms), revision=revision)
+                                norms=_norm_list(norms), revision=revision, force=force)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

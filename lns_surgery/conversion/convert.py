@@ -13,7 +13,7 @@ from pathlib import Path
 from lns_surgery.conversion import checkpoint, plan_cache
 from lns_surgery.conversion.apply import warn_unregistered
 from lns_surgery.conversion.registry import lookup, primary_auto_class
-from lns_surgery.errors import LNSError
+from lns_surgery.errors import LNSError, first_line
 from lns_surgery.modeling import lns_layers
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ def _load_config_object(folder: Path, config_dict: dict, trust_remote_code: bool
         )
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, ImportError) as exc:
-        raise LNSError(f"could not read the model config in '{folder}': {checkpoint._first_line(exc)}") from None
+    except Exception as exc:  # a malformed field, or the config class's own code failing on it
+        raise LNSError(f"could not read the model config in '{folder}': {first_line(exc)}") from None
 
 
 def build_on_meta(config, trust_remote_code: bool = False):
@@ -55,7 +55,7 @@ def build_on_meta(config, trust_remote_code: bool = False):
                 return model_class._from_config(config)
             return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:  # any failure of a model's own constructor
-        raise LNSError(f"could not build '{config.model_type}' to inspect it: {checkpoint._first_line(exc)}") from None
+        raise LNSError(f"could not build '{config.model_type}' to inspect it: {first_line(exc)}") from None
 
 
 def generative_class(config):
@@ -79,6 +79,7 @@ def architecture_for_checkpoint(
     trust_remote_code: bool = False,
     layers: str | None = None,
     norms: list[str] | None = None,
+    force: bool = False,
 ):
     """(Architecture, transformers config, stock model on the meta device) for a stock checkpoint.
 
@@ -93,7 +94,7 @@ def architecture_for_checkpoint(
     if any("--" in name for name in (getattr(config, "auto_map", None) or {}).values()):
         raise LNSError("the checkpoint's custom code lives in another repository; download it beside the weights first")
     model = build_on_meta(config, trust_remote_code)
-    return architecture_for_model(model, layers, norms), config, model
+    return architecture_for_model(model, layers, norms, force), config, model
 
 
 def conversion_plan(
@@ -104,18 +105,19 @@ def conversion_plan(
     layers: str | None = None,
     norms: list[str] | None = None,
     for_fold: bool = False,
+    force: bool = False,
 ) -> plan_cache.Plan:
     """Where LNS acts in this checkpoint, how many blocks it has and, for fold mode, which file tensors
     hold the scaled norms: from the plan cache where an identical conversion was planned before, else
     by building the model on the meta device, tracing it and proving its norms."""
     lookup(config_dict["model_type"])  # refuses known post-norm families before anything is built
-    key = plan_cache.plan_key(config_dict, tensors, layers, norms)
+    key = plan_cache.plan_key(config_dict, tensors, layers, norms, force)
     plan = plan_cache.load(key)
     if plan is not None and (not for_fold or plan.fold_tensors is not None or plan.fold_error):
         if plan.arch.detected and layers is None and norms is None:
             warn_unregistered(plan.arch)
         return plan
-    arch, _, model = architecture_for_checkpoint(folder, config_dict, trust_remote_code, layers, norms)
+    arch, _, model = architecture_for_checkpoint(folder, config_dict, trust_remote_code, layers, norms, force)
     plan = plan_cache.Plan(arch, len(lns_layers.resolve_layers(model, arch.layers)))
     if for_fold and tensors is not None and arch.fold_rule:
         try:
@@ -213,12 +215,14 @@ def convert(
     norms: list[str] | None = None,
     revision: str | None = None,
     link: str = "auto",
+    force: bool = False,
 ) -> Path:
     """Convert a stock checkpoint (folder or Hub id) to LayerNorm Scaling; returns the output folder.
 
     ``mode="code"`` keeps the weights byte for byte and writes an LNS config and its code, loadable
     with ``trust_remote_code=True``. ``mode="fold"`` writes a stock checkpoint whose norm weights
-    carry the scales, for runtimes that cannot run custom code.
+    carry the scales, for runtimes that cannot run custom code. ``norms`` that the model's data flow
+    does not show as pre-sublayer norms are refused unless ``force``.
     """
     if mode not in MODES:
         raise LNSError(f"unknown mode '{mode}'; expected one of {', '.join(MODES)}")
@@ -231,7 +235,8 @@ def convert(
     config_dict = checkpoint.read_config(folder)
     _refuse_converted(config_dict)
     tensors = checkpoint.weight_map(folder)
-    plan = conversion_plan(folder, config_dict, tensors, trust_remote_code, layers, norms, for_fold=mode == "fold")
+    plan = conversion_plan(folder, config_dict, tensors, trust_remote_code, layers, norms, for_fold=mode == "fold",
+                           force=force)
     arch, num_layers = plan.arch, plan.num_layers
     lns = arch.lns_block(alpha, source=provenance)
     if mode == "fold":
@@ -339,6 +344,7 @@ def inspect_checkpoint(
     layers: str | None = None,
     norms: list[str] | None = None,
     revision: str | None = None,
+    force: bool = False,
 ) -> dict:
     """What LNS does (or did) to a checkpoint: status, layer path, norms, kind and the scale per layer."""
     folder, _ = checkpoint.resolve_source(source, revision)
@@ -351,7 +357,7 @@ def inspect_checkpoint(
         lns = config_dict["lns_folded"]
         status, alpha, origin = "lns-folded", lns.get("alpha", 1.0), "checkpoint"
     else:
-        arch = conversion_plan(folder, config_dict, None, trust_remote_code, layers, norms).arch
+        arch = conversion_plan(folder, config_dict, None, trust_remote_code, layers, norms, force=force).arch
         lns = arch.lns_block(1.0)
         status, alpha, origin = "stock", 1.0, "detected" if arch.detected else "registry"
     num_layers = _num_layers_from_dict(config_dict)

@@ -348,14 +348,44 @@ def stock_classes(config, built: str | None = None) -> dict:
     return classes
 
 
-def detect_architecture(model: nn.Module, layers: str | None = None, norms: list[str] | None = None) -> Architecture:
-    """An Architecture for ``model`` from its data flow (``norms`` and ``layers`` from the user win)."""
+def _check_named_norms(model: nn.Module, layers_path: str, block_list, norms: list[str]) -> None:
+    """Refuse named norms the data flow does not show as pre-sublayer norms of every block."""
+    try:
+        per_block = find_pre_norms(model, layers_path)
+    except LNSError as exc:  # the user's statement is the only layout there is; say it was not checked
+        logger.warning("the norms given could not be checked against the model's data flow (%s); scaling them as given", exc)
+        return
+    for index, (block, pre) in enumerate(zip(block_list, per_block)):
+        for name in norms:
+            if name not in pre:
+                raise LNSError(
+                    f"'{name}' is not a pre-sublayer norm of block {index} ({type(block).__name__}): its data flow shows "
+                    f"{', '.join(pre) or 'none'}. Post-sublayer, q/k and final norms are never scaled; pass --force to "
+                    "scale it anyway"
+                )
+
+
+def detect_architecture(model: nn.Module, layers: str | None = None, norms: list[str] | None = None,
+                        force: bool = False) -> Architecture:
+    """An Architecture for ``model`` from its data flow (``norms`` and ``layers`` from the user win).
+
+    Norms the user names must be pre-sublayer norms by the data flow, unless ``force``: the tool never
+    scales a post-sublayer, q/k or final norm (or a module that is not a norm) by accident.
+    """
     model_type = model.config.model_type
     layers_path = layers or find_layer_list(model)
     try:
         block_list = model.get_submodule(layers_path)
     except AttributeError:
         raise LNSError(f"'{layers_path}' is not a module of this {model_type} model") from None
+    if not isinstance(block_list, (nn.ModuleList, nn.Sequential)) or len(block_list) == 0:
+        raise LNSError(f"'{layers_path}' is a {type(block_list).__name__}, not the list of decoder blocks (such as 'model.layers')")
+    if norms is not None:
+        repeated = sorted({name for name in norms if list(norms).count(name) > 1})
+        if repeated:
+            raise LNSError(f"--norms names '{repeated[0]}' more than once")
+        if not force:
+            _check_named_norms(model, layers_path, block_list, list(norms))
     if norms is None:
         per_block = find_pre_norms(model, layers_path)
         distinct = {tuple(names) for names in per_block}

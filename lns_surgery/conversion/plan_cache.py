@@ -7,7 +7,7 @@ copy. The result depends only on inputs that can be named exactly, so it is stor
 all of them:
 
 - the checkpoint's ``config.json`` and the names of the tensors in its weight files;
-- ``--layers`` / ``--norms``;
+- ``--layers`` / ``--norms`` / ``--force``;
 - the installed torch and transformers versions and the bytes of the family's modelling file (an
   edited or development install of transformers changes the key too);
 - the bytes of this package's conversion and modelling code, registry included.
@@ -55,7 +55,8 @@ def cache_folder() -> Path | None:
     return cache_dir() / "plans"
 
 
-def plan_key(config_dict: dict, tensor_names, layers: str | None, norms: list[str] | None) -> str | None:
+def plan_key(config_dict: dict, tensor_names, layers: str | None, norms: list[str] | None,
+             force: bool = False) -> str | None:
     """The digest a plan is stored under, or None where plans are not cached."""
     if cache_folder() is None or config_dict.get("auto_map"):
         return None
@@ -71,6 +72,7 @@ def plan_key(config_dict: dict, tensor_names, layers: str | None, norms: list[st
         "tensors": sorted(tensor_names or ()),
         "layers": layers,
         "norms": list(norms) if norms is not None else None,
+        "force": force,  # a forced plan must never answer an unforced conversion
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "modelling_file": _file_digest(modelling_file),

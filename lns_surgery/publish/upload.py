@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lns_surgery.errors import LNSError
+from lns_surgery.errors import LNSError, first_line
 from lns_surgery.publish.card import RenderedCard, render_model_card
 from lns_surgery.publish.files import Selection, human_size, select_files, staged_view, view_selection
 from lns_surgery.publish.validate import LOAD_CHECK_TIMEOUT_S, Validation, check_checkpoint, load_check
@@ -63,11 +63,6 @@ def redact(text: str, token: str | None) -> str:
     return text
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _hub_error(exc: BaseException, what: str, endpoint: str, token: str) -> LNSError:
     """One readable line for a failed Hub call, with no trace of the token."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
@@ -79,13 +74,13 @@ def _hub_error(exc: BaseException, what: str, endpoint: str, token: str) -> LNSE
         if status == 401:
             message = f"{what}: the Hub rejected the token (401): check --token, HF_TOKEN or `hf auth login`"
         elif status == 403:
-            message = f"{what}: the token may not write there (403): {_first_line(exc)}"
+            message = f"{what}: the token may not write there (403): {first_line(exc)}"
         else:
-            message = f"{what}: the Hub answered {status}: {_first_line(exc)}"
+            message = f"{what}: the Hub answered {status}: {first_line(exc)}"
     elif _is_connection_error(exc):
-        message = f"{what}: cannot reach the Hub at {endpoint} ({type(exc).__name__}: {_first_line(exc)})"
+        message = f"{what}: cannot reach the Hub at {endpoint} ({type(exc).__name__}: {first_line(exc)})"
     else:
-        message = f"{what}: {type(exc).__name__}: {_first_line(exc)}"
+        message = f"{what}: {type(exc).__name__}: {first_line(exc)}"
     return LNSError(redact(message, token))
 
 

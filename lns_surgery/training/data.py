@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from lns_surgery.errors import LNSError
+from lns_surgery.errors import LNSError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +68,6 @@ def alpaca_prompt(instruction: str, input: str | None = None) -> str:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _load_local(path: Path, split: str | None, streaming: bool):
     from datasets import load_dataset, load_from_disk
 
@@ -92,6 +87,8 @@ def _load_local(path: Path, split: str | None, streaming: bool):
     builders = {_LOCAL_BUILDERS.get(f.suffix) for f in files}
     if None in builders or len(builders) != 1:
         raise LNSError(f"cannot read '{path}': expected .json, .jsonl, .txt, .parquet or .csv files of one kind")
+    if all(f.stat().st_size == 0 for f in files):  # datasets fails on these with a bare StopIteration
+        raise LNSError(f"'{path}' is empty: there is nothing to train on")
     # a local file is one split: it is the training data, and evaluation comes from eval_fraction
     return load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train", streaming=streaming)
 
@@ -107,11 +104,11 @@ def load_split(name: str, config: str | None, split: str, streaming: bool):
         return load_dataset(name, config, split=split, streaming=streaming)
     except LNSError:
         raise
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
-        raise LNSError(f"could not load dataset '{name}' (split {split}): {_first_line(exc)}") from None
+    except (FileNotFoundError, ValueError, ConnectionError, OSError, StopIteration) as exc:
+        raise LNSError(f"could not load dataset '{name}' (split {split}): {first_line(exc)}") from None
     except Exception as exc:  # datasets raises many kinds (DatasetNotFoundError, offline errors, ...)
         if type(exc).__module__.startswith(("datasets", "huggingface_hub", "requests", "httpx")):
-            raise LNSError(f"could not load dataset '{name}' (split {split}): {_first_line(exc)}") from None
+            raise LNSError(f"could not load dataset '{name}' (split {split}): {first_line(exc)}") from None
         raise
 
 
@@ -132,6 +129,8 @@ def load_datasets(args, seed: int = 42):
     if not args.dataset_name:
         raise LNSError("the recipe needs dataset_name (a Hub dataset id or a local file or folder)")
     train = load_split(args.dataset_name, args.dataset_config, args.dataset_train_split, args.dataset_streaming)
+    if isinstance(train, Dataset) and len(train) == 0:
+        raise LNSError(f"'{args.dataset_name}' has no records in split '{args.dataset_train_split}': nothing to train on")
     evaluation = None
     if args.dataset_test_split:
         evaluation = load_split(args.dataset_name, args.dataset_config, args.dataset_test_split, args.dataset_streaming)

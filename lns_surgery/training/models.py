@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from lns_surgery import outputs
-from lns_surgery.errors import LNSError
+from lns_surgery.errors import LNSError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def preset_config(preset: str | None = None, overrides: dict | None = None, toke
     try:
         return LlamaConfig(**values)
     except (TypeError, ValueError) as exc:
-        raise LNSError(f"invalid model config: {str(exc).splitlines()[0]}") from None
+        raise LNSError(f"invalid model config: {first_line(exc)}") from None
 
 
 def build_scratch_model(config, lns: bool = True, seed: int = 0):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lns_surgery.errors import LNSError
+from lns_surgery.errors import LNSError, first_line
 
 COMMANDS = ("pretrain", "sft")
 FORMATS = ("auto", "text", "alpaca", "messages", "prompt_completion")
@@ -107,6 +107,11 @@ class RecipeArguments:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
         if not self.distill_temperature > 0.0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        # argparse checks "choices" on the command line only; a YAML value arrives as a default.
+        if self.export not in EXPORTS:
+            raise ValueError(f"export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
+        if self.dataset_format not in FORMATS:
+            raise ValueError(f"dataset_format must be one of {', '.join(FORMATS)}, got {self.dataset_format!r}")
         if self.heal_norms not in HEAL_NORMS:
             raise ValueError(f"heal_norms must be one of {', '.join(HEAL_NORMS)}, got {self.heal_norms!r}")
         if self.heal_norms == "freeze" and self.train_norms:
@@ -175,7 +180,7 @@ def _read_yaml(path: str | os.PathLike) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise LNSError(f"recipe '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise LNSError(f"recipe '{path}' is not valid YAML: {first_line(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -199,12 +204,40 @@ def _finish(parser, command: str, parse) -> Recipe:
     except LNSError:
         raise
     except (ValueError, TypeError) as exc:
-        raise LNSError(f"invalid recipe: {str(exc).strip().splitlines()[0]}") from None
+        raise LNSError(f"invalid recipe: {first_line(exc)}") from None
+    for part in (args, training, model):
+        _check_value_types(part)
     if command == "pretrain" and args.dataset_format == "auto":
         args.dataset_format = "text"
     if training.include_num_input_tokens_seen == "no":  # tokens seen and tokens/s belong in every run's metrics
         training.include_num_input_tokens_seen = "non_padding"
     return Recipe(args, training, model, command)
+
+
+def _check_value_types(part) -> None:
+    """Refuse recipe values of the wrong type: TrlParser passes YAML values through as they are, so a
+    ``learning_rate: [1, 2]`` would otherwise fail deep inside the optimizer."""
+    import dataclasses
+    import types
+    import typing
+
+    try:
+        hints = typing.get_type_hints(type(part))
+    except Exception:  # an annotation this Python cannot evaluate: nothing to check it against
+        return
+    for field_ in dataclasses.fields(part):
+        value, hint = getattr(part, field_.name), hints.get(field_.name)
+        if value is None or hint is None:
+            continue
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        simple = [kind for kind in allowed if kind in (bool, int, float, str)]
+        if not simple or len(simple) != len([kind for kind in allowed if kind is not type(None)]):
+            continue  # lists, dicts, enums, unions with other types: left to the libraries
+        if float in simple and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, tuple(simple)) or (isinstance(value, bool) and bool not in simple):
+            names = " or ".join({bool: "true/false", int: "an integer", float: "a number", str: "a string"}[k] for k in simple)
+            raise LNSError(f"recipe key '{field_.name}' must be {names}, got {value!r}")
 
 
 def parse_recipe(argv: list[str] | None = None, command: str = "sft", recipe: str | os.PathLike | None = None) -> Recipe:

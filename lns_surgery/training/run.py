@@ -303,7 +303,10 @@ def _save_outputs(trainer, recipe: Recipe, work: Path, final: Path, info: dict, 
         adapter_dir = work / "adapter"
         trainer.save_model(str(adapter_dir))  # every rank takes part (FSDP / ZeRO-3 gather the weights)
         if args.export in ("both", "adapter") and state.is_main_process:
-            _give_adapter_an_lns_base(trainer, adapter_dir, work, final)
+            from lns_surgery.training.distributed import outside_zero3_init
+
+            with outside_zero3_init():  # the main process alone converts the base: it must load whole
+                _give_adapter_an_lns_base(trainer, adapter_dir, work, final)
         if args.export in ("both", "merged"):
             if state.is_main_process:
                 model = _merged_model(trainer, recipe, adapter_dir)
@@ -353,6 +356,7 @@ def train(recipe: Recipe | Any, training=None, model_config=None, *, command: st
         recipe.command = command
     args, training, model_config = recipe.as_tuple()
     state = PartialState()
+    existed = incomplete_dir(training.output_dir).exists() if training.output_dir else True
     final, work, resume_from = _plan_output(args, training, state, model_config)
     training.output_dir = str(work)
     try:
@@ -362,6 +366,13 @@ def train(recipe: Recipe | Any, training=None, model_config=None, *, command: st
         metrics = final_metrics(trainer.state, train_output, eval_metrics)
         metrics["dataset_format"] = info["dataset_format"]
         model = _save_outputs(trainer, recipe, work, final, info, metrics, state)
+    except BaseException:
+        # A run that failed before its first checkpoint leaves nothing to resume: no empty working folder.
+        if not existed and state.is_main_process and work.is_dir() and not any(work.glob("checkpoint-*")):
+            from lns_surgery import outputs
+
+            outputs.remove_output(work)
+        raise
     finally:
         training.output_dir = str(final)
     return TrainResult(model=model, tokenizer=trainer.processing_class, metrics=metrics, output_dir=final,
