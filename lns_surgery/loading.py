@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from lns_surgery.errors import LNSError, first_line
+from lns_surgery.sources import resolve_builtin
 
 
 def _config_dict(path: str | Path) -> dict | None:
@@ -42,7 +43,7 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, **kwargs):
     """
     from transformers import AutoModelForCausalLM
 
-    path = _resolve_builtin(path)
+    path = resolve_builtin(path)
     if not _register_lns_classes(path) and not trust_remote_code:
         raise LNSError(f"'{path}' is built on custom code; pass trust_remote_code=True")
     from huggingface_hub.errors import StrictDataclassError
@@ -56,18 +57,10 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, **kwargs):
         raise LNSError(f"could not load a model from '{path}': {first_line(exc)}") from None
 
 
-def _resolve_builtin(path):
-    if str(path).startswith("builtin:"):
-        from lns_surgery.conversion.builtin import builtin_path
-
-        return builtin_path(str(path)[len("builtin:"):])
-    return path
-
-
 def load_tokenizer(path: str | Path, **kwargs):
     from transformers import AutoTokenizer
 
-    path = _resolve_builtin(path)
+    path = resolve_builtin(path)
     # AutoTokenizer reads config.json too: unregistered, an LNS model_type with an auto_map makes
     # transformers ask on the terminal whether to run the folder's code.
     _register_lns_classes(path)

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lns_surgery.errors import LNSError, first_line
+from lns_surgery.sources import is_hub_id
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 RECORD_SUFFIXES = (".jsonl", ".json")
@@ -158,7 +159,7 @@ def iter_documents(source, *, text_field: str = "text", split: str = "validation
             raise LNSError(f"'{source}': unsupported file type '{suffix}'; use {', '.join(TEXT_SUFFIXES + RECORD_SUFFIXES)}")
         return
     text = str(source)
-    if text.startswith((".", "/", "~")) or text.lower().endswith(TEXT_SUFFIXES + RECORD_SUFFIXES) or text.count("/") > 1:
+    if text.lower().endswith(TEXT_SUFFIXES + RECORD_SUFFIXES) or not is_hub_id(text.partition(":")[0]):
         raise LNSError(f"no such data file: '{source}'")
     yield from _hub_documents(text, split, text_field)
 

@@ -35,11 +35,10 @@ def source_of(model) -> str | None:
     source = ((lns or {}).get("source") or {}).get("model")
     if not source:
         return None
-    if str(source).startswith("builtin:"):
-        from lns_surgery.conversion.builtin import builtin_path
+    from lns_surgery.sources import resolve_builtin
 
-        return str(builtin_path(str(source)[len("builtin:"):]))
-    return str(source) if Path(source).expanduser().is_dir() else None
+    folder = resolve_builtin(str(source))
+    return str(folder) if Path(folder).expanduser().is_dir() else None
 
 
 def _source_tensors(folder: str, model, wanted: list[str]) -> dict[str, torch.Tensor]:

@@ -197,11 +197,9 @@ def _load_dtype(dtype: str, device):
 
 def _model_folder(path: str) -> str:
     """A ``builtin:`` name becomes its folder; folders and Hub ids are passed on to from_pretrained."""
-    if str(path).startswith("builtin:"):
-        from lns_surgery.conversion.builtin import builtin_path
+    from lns_surgery.sources import resolve_builtin
 
-        return str(builtin_path(str(path)[len("builtin:"):]))
-    return str(path)
+    return str(resolve_builtin(str(path)))
 
 
 def _checkpoint_config(folder: str) -> dict:
@@ -218,7 +216,9 @@ def _checkpoint_config(folder: str) -> dict:
         if not config_path.is_file():
             raise LNSError(f"'{folder}' has no config.json: not a Hugging Face model folder")
     else:
-        if folder.startswith((".", "/", "~")) or folder.count("/") > 1 or not folder.strip():
+        from lns_surgery.sources import is_hub_id
+
+        if not is_hub_id(folder):
             raise LNSError(f"no such model folder: '{folder}'")
         try:
             config_path = Path(hf_hub_download(folder, "config.json"))

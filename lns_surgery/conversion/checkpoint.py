@@ -30,17 +30,17 @@ _FICLONE = 0x40049409  # ioctl number of Linux's copy-on-write clone (btrfs, XFS
 
 def resolve_source(source: str | os.PathLike, revision: str | None = None) -> tuple[Path, dict]:
     """A local folder for ``source`` (a folder, or a Hub id fetched with huggingface_hub) and its provenance."""
-    if str(source).startswith("builtin:"):
-        from lns_surgery.conversion.builtin import builtin_path
+    from lns_surgery.sources import BUILTIN_PREFIX, is_hub_id, resolve_builtin
 
-        return builtin_path(str(source)[len("builtin:"):]), {"model": str(source), "revision": None}
+    if str(source).startswith(BUILTIN_PREFIX):
+        return Path(resolve_builtin(str(source))), {"model": str(source), "revision": None}
     path = Path(source).expanduser()
     if path.is_dir():
         return path, {"model": str(source), "revision": revision}
     if path.exists():
         raise LNSError(f"'{source}' is a file; give the checkpoint's folder")
     text = str(source)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or not text.strip():
+    if not is_hub_id(text):
         raise LNSError(f"no such checkpoint folder: '{source}'")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled

@@ -483,11 +483,9 @@ def _stage_export(run: _Run, tuned) -> None:
 
 
 def _base_folder(base: str) -> Path:
-    if str(base).startswith("builtin:"):
-        from lns_surgery.conversion.builtin import builtin_path
+    from lns_surgery.sources import resolve_builtin
 
-        return builtin_path(str(base)[len("builtin:"):])
-    folder = Path(base)
+    folder = Path(resolve_builtin(str(base)))
     if not (folder / "config.json").is_file():
         raise LNSError(f"'{base}' is not a model folder (no config.json); the demo needs the built-in base "
                        "or a folder written by scripts/train_demo_base.py")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lns_surgery import outputs
 from lns_surgery.errors import LNSError, first_line
+from lns_surgery.sources import resolve_builtin
 
 logger = logging.getLogger(__name__)
 
@@ -115,14 +116,6 @@ def init_model(
 # --- loading the model and tokenizer of a training run -------------------------------------------
 
 
-def _resolve_source(name: str) -> str:
-    from lns_surgery.conversion.builtin import PREFIX, builtin_path
-
-    if name.startswith(PREFIX):
-        return str(builtin_path(name[len(PREFIX):]))
-    return name
-
-
 def _quantization(model_config):
     """bitsandbytes settings for QLoRA, or None. 4/8-bit training needs a CUDA GPU."""
     if not (model_config.load_in_4bit or model_config.load_in_8bit):
@@ -164,7 +157,7 @@ def load_model(args, training, model_config, tokenizer=None):
 
             kwargs.update(quantization_config=quantization, device_map=get_kbit_device_map())
         kwargs.update(training.model_init_kwargs or {})
-        model = load_checkpoint(_resolve_source(model_config.model_name_or_path),
+        model = load_checkpoint(resolve_builtin(model_config.model_name_or_path),
                                 trust_remote_code=training.trust_remote_code, **kwargs)
     if args.lns_convert:
         if is_lns_model(model):
@@ -182,7 +175,7 @@ def load_tokenizer(args, model_config):
     source = args.tokenizer_name_or_path or model_config.model_name_or_path
     if source is None:
         raise LNSError("the recipe needs tokenizer_name_or_path")
-    return load(_resolve_source(source), revision=model_config.model_revision)
+    return load(resolve_builtin(source), revision=model_config.model_revision)
 
 
 def norm_module_names(model) -> list[str]:
