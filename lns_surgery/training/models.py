@@ -163,7 +163,10 @@ def load_model(args, training, model_config, tokenizer=None):
         if is_lns_model(model):
             logger.warning("lns_convert: the model already has LayerNorm Scaling; it is trained as it is")
         else:
-            apply_layernorm_scaling(model, alpha=0.0 if args.lns_ramp_steps else 1.0)
+            from lns_surgery.training.distributed import outside_zero3_init
+
+            with outside_zero3_init():  # it traces a meta twin of the model, which must stay whole
+                apply_layernorm_scaling(model, alpha=0.0 if args.lns_ramp_steps else 1.0)
     if args.lns_ramp_steps and not is_lns_model(model):
         raise LNSError("lns_ramp_steps needs an LNS model: set lns_convert: true or start from an LNS checkpoint")
     return model

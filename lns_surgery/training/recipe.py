@@ -214,6 +214,11 @@ def _finish(parser, command: str, parse) -> Recipe:
     return Recipe(args, training, model, command)
 
 
+# TrainingArguments turns these into another type while parsing (``fsdp: full_shard`` or ``true`` becomes
+# True, its documented way of asking for FSDP), so their parsed values say nothing about the recipe's.
+_REWRITTEN_WHILE_PARSING = {"fsdp"}
+
+
 def _check_value_types(part) -> None:
     """Refuse recipe values of the wrong type: TrlParser passes YAML values through as they are, so a
     ``learning_rate: [1, 2]`` would otherwise fail deep inside the optimizer."""
@@ -227,7 +232,7 @@ def _check_value_types(part) -> None:
         return
     for field_ in dataclasses.fields(part):
         value, hint = getattr(part, field_.name), hints.get(field_.name)
-        if value is None or hint is None:
+        if value is None or hint is None or field_.name in _REWRITTEN_WHILE_PARSING:
             continue
         allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
         simple = [kind for kind in allowed if kind in (bool, int, float, str)]

@@ -127,8 +127,10 @@ def build_trainer(recipe: Recipe, callbacks=None):
     or written. ``info`` has the detected ``dataset_format``, ``added_token_ids`` and ``lora``."""
     from lns_surgery.training import data, models
     from lns_surgery.training.callbacks import LNSRampCallback
+    from lns_surgery.training.distributed import check_launch, check_sharding
 
     args, training, model_config = recipe.as_tuple()
+    check_launch(training)
     tokenizer = models.load_tokenizer(args, model_config)
     train_data, eval_data = data.load_datasets(args, seed=training.seed)
     train_data, data_format = data.prepare_dataset(train_data, args.dataset_format, training.dataset_text_field)
@@ -172,6 +174,7 @@ def build_trainer(recipe: Recipe, callbacks=None):
         peft_config=peft_config,
         callbacks=extra,
     )
+    check_sharding(trainer)  # an FSDP/DeepSpeed request that accelerate turned into DDP stops here
     if args.distill:
         trainer.teacher = teacher
         trainer.distillation = {"temperature": args.distill_temperature, "weight": args.distill_weight}
@@ -199,17 +202,19 @@ def _merged_model(trainer, recipe: Recipe, adapter_dir: Path):
     from peft import PeftModel
 
     from lns_surgery.training import models
+    from lns_surgery.training.distributed import outside_zero3_init
 
     args, training, model_config = recipe.as_tuple()
     model_config = dc.replace(model_config, load_in_4bit=False, load_in_8bit=False, dtype="auto")
-    base = models.load_model(args, training, model_config, tokenizer=trainer.processing_class)
-    if base.get_input_embeddings().weight.shape[0] != len(trainer.processing_class):
-        base.resize_token_embeddings(len(trainer.processing_class))
-    if args.lns_ramp_steps:
-        from lns_surgery.training.callbacks import current_alpha
+    with outside_zero3_init():  # only the main process rebuilds: a partitioned load would wait for the others
+        base = models.load_model(args, training, model_config, tokenizer=trainer.processing_class)
+        if base.get_input_embeddings().weight.shape[0] != len(trainer.processing_class):
+            base.resize_token_embeddings(len(trainer.processing_class))
+        if args.lns_ramp_steps:
+            from lns_surgery.training.callbacks import current_alpha
 
-        base.set_lns_alpha(current_alpha(trainer.model))
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+            base.set_lns_alpha(current_alpha(trainer.model))
+        return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def _plain(value):
