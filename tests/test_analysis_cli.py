@@ -201,7 +201,8 @@ def test_analyze_in_memory_models_and_overwrite(tmp_path, stories_path):
     assert [m["name"] for m in second["models"]] == ["stock", "lns"]
     assert json.loads((out / "report.json").read_text())["models"][1]["status"] == "lns"
     assert sorted(p.name for p in out.iterdir()) == [".lns-surgery-output", "angular-lns.png", "angular-stock.png",
-                                                     "removal.png", "report.json", "summary.md", "variance.png"]
+                                                     "effective-scales.png", "removal.png", "report.json", "summary.md",
+                                                     "variance.png"]
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, stories_path):
