@@ -87,7 +87,9 @@ def test_stories260k_converts_and_loads_in_a_fresh_process(stories_path, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["classes"] == ["LNSLlamaConfig", "LNSLlamaModel", "LNSLlamaForCausalLM"]
-    assert report["diff_expected"] == 0.0
+    # Equal up to float reassociation: bitwise equality across processes holds only while no earlier test
+    # in this worker has changed torch's kernel choices.
+    assert report["diff_expected"] <= 1e-4
     assert report["diff_base"] > 0.1, "the scaling must be active"
     assert report["tokens"] == tokenizer("Once upon a time")["input_ids"]
     assert "trust_remote_code" in report["without_trust"], "without trust_remote_code it must fail, never load the stock class"
