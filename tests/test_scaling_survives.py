@@ -150,3 +150,30 @@ def test_from_scratch_init_matches_stock_init():
     for (name, a), (_, b) in zip(fresh_lns.state_dict().items(), fresh_stock.state_dict().items()):
         assert torch.equal(a, b), name
     assert fresh_lns.model.layers[3].input_layernorm.lns_scale == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt2"])  # the three weight forms
+def test_symbolic_trace_shows_the_scale_after_the_stock_norm(model_type):
+    """A runtime that swaps norms it recognises in a torch.fx trace for its own kernel (vLLM's
+    Transformers backend does, feeding the kernel the stored weight) must see the scale as compute
+    after the norm, never folded into the weight operand where such a swap silently drops it."""
+    import operator
+
+    stock, lns, _, _ = _pair(model_type)
+    block = 3  # scale 1/2
+    norm_name = "ln_1" if model_type == "gpt2" else "input_layernorm"
+    layers = lns.transformer.h if model_type == "gpt2" else lns.model.layers
+    stock_layers = stock.transformer.h if model_type == "gpt2" else stock.model.layers
+    norm, stock_norm = getattr(layers[block], norm_name), getattr(stock_layers[block], norm_name)
+    assert norm.lns_scale == pytest.approx(0.5)
+
+    traced = torch.fx.symbolic_trace(norm)
+    (returned,) = [node.args[0] for node in traced.graph.nodes if node.op == "output"]
+    assert returned.op == "call_function" and returned.target is operator.mul
+    assert returned.args[1] == norm.lns_scale  # the last compute multiplies the stock norm's output
+
+    x = torch.randn(2, 7, stock.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = 0.5 * stock_norm(x)
+        assert _close(traced(x), expected, 1e-6)
+        assert _close(norm(x), expected, 1e-6)  # eager runs the effective-weight form: same function

