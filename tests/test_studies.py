@@ -1,4 +1,4 @@
-"""The study scripts end to end with tiny step counts: the healing study (three arms on stories260K),
+"""The study scripts end to end with tiny step counts: the healing study (two arms x two seeds on stories260K),
 the from-scratch reproduction (Pre-LN vs LNS) and the GPU check's refusal on a machine without a GPU."""
 
 from __future__ import annotations
@@ -44,59 +44,140 @@ def no_leftovers(out: Path) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], "a staging folder was left behind"
 
 
+def healing_study_module():
+    """scripts/healing_study.py imported as a module, for its pure functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("healing_study", REPO_ROOT / "scripts" / "healing_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 def test_healing_study_end_to_end(stories_path, tmp_path):
-    data = small_c4(tmp_path, 60)
+    data = small_c4(tmp_path, 20)
     out = tmp_path / "healing"
-    result = run_script("scripts/healing_study.py", "--model", str(stories_path), "--data", str(data), "--steps", "4",
-                        "--eval-every", "2", "--ramp-steps", "2", "--batch-size", "4", "--seq-len", "64",
-                        "--analysis-tokens", "512", "--threads", "1", "--cpu", "--out", str(out))
+    result = run_script("scripts/healing_study.py", "--model", str(stories_path), "--data", str(data), "--steps", "2",
+                        "--eval-every", "1", "--batch-size", "4", "--seq-len", "64", "--eval-fraction", "0.15",
+                        "--analysis-tokens", "512", "--arms", "lns-distill-frozen,stock", "--seeds", "3,4",
+                        "--threads", "1", "--cpu", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     no_leftovers(out)
 
     results = json.loads((out / "results.json").read_text())
-    arms = results["arms"]
-    assert list(arms) == ["stock", "lns-immediate", "lns-ramp"]
-    for arm, entry in arms.items():
-        assert [p["step"] for p in entry["eval_curve"]] == [0, 2, 4], arm
-        assert all_finite([p["eval_perplexity"] for p in entry["eval_curve"]] + [entry["final_eval_perplexity"]])
-        assert (out / "runs" / arm / "metrics.json").is_file() and (out / "runs" / arm / "recipe.yaml").is_file()
-    # the same tokens for every arm
-    assert {entry["tokens_seen"] for entry in arms.values()} == {results["tokens_per_arm"]} and results["tokens_per_arm"] > 0
-    stock, immediate, ramp = (arms[a]["eval_curve"] for a in ("stock", "lns-immediate", "lns-ramp"))
-    # step 0: the ramp starts from the original function, the immediate switch does not
-    assert ramp[0]["lns_alpha"] == 0.0 and math.isclose(ramp[0]["eval_loss"], stock[0]["eval_loss"], rel_tol=1e-5)
-    assert immediate[0]["eval_loss"] > stock[0]["eval_loss"] + 0.1
-    assert ramp[-1]["lns_alpha"] == 1.0 and arms["lns-ramp"]["final_lns_alpha"] == 1.0
-    # training lowered the loss of the stock and the converted model; the ramped model ends at full LNS
-    # better than the converted model started
-    assert arms["stock"]["final_eval_loss"] < stock[0]["eval_loss"]
-    assert arms["lns-immediate"]["final_eval_loss"] < immediate[0]["eval_loss"]
-    assert arms["lns-ramp"]["final_eval_loss"] < immediate[0]["eval_loss"]
+    assert results["settings"]["arms"] == ["stock", "lns-distill-frozen"]  # the study's own order
+    assert results["settings"]["seeds"] == [3, 4]
+    runs, arms = results["runs"], results["arms"]
+    assert list(arms) == ["stock", "lns-distill-frozen"] and all(list(runs[arm]) == ["3", "4"] for arm in arms)
+    # within a seed every arm saw the same tokens: 2 steps x 4 sequences x 64 tokens, less the padding of
+    # the corpus's last packed row if the seed's order drew it
+    assert set(results["tokens_by_seed"]) == {"3", "4"}
+    for seed, count in results["tokens_by_seed"].items():
+        assert 2 * 4 * 64 - 64 < count <= 2 * 4 * 64
+        assert {runs[arm][seed]["tokens_seen"] for arm in arms} == {count}
+    assert results["tokens_per_arm"] == max(results["tokens_by_seed"].values())
+    for arm, by_seed in runs.items():
+        for seed, run in by_seed.items():
+            assert [p["step"] for p in run["eval_curve"]] == [0, 1, 2], (arm, seed)
+            assert [p["tokens"] for p in run["eval_curve"]] == [0, 256, 512]
+            assert all_finite([p["eval_perplexity"] for p in run["eval_curve"]])
+            assert (out / "runs" / arm / f"seed-{seed}" / "metrics.json").is_file()
+            assert (out / "runs" / arm / f"seed-{seed}" / "recipe.yaml").is_file()
+    stock, frozen = runs["stock"], runs["lns-distill-frozen"]
+    # step 0: every seed evaluates the same held-out split; the distillation arm's perplexity is its LM
+    # loss (not the KL it trains on), which the conversion raised well above the base's
+    for by_seed in (stock, frozen):
+        assert by_seed["3"]["eval_curve"][0]["eval_loss"] == pytest.approx(by_seed["4"]["eval_curve"][0]["eval_loss"], rel=1e-6)
+    assert frozen["3"]["eval_curve"][0]["eval_loss"] > stock["3"]["eval_curve"][0]["eval_loss"] + 0.5
+    assert results["base_eval_perplexity"] == pytest.approx(stock["3"]["eval_curve"][0]["eval_perplexity"])
+    assert results["converted_eval_perplexity"] == pytest.approx(frozen["3"]["eval_curve"][0]["eval_perplexity"])
+    # the seeds ordered the training data differently, so the trained models differ
+    assert stock["3"]["final_eval_loss"] != stock["4"]["final_eval_loss"]
+    # distillation from the source moved the converted model back towards it
+    assert all(run["final_eval_loss"] < run["eval_curve"][0]["eval_loss"] for run in frozen.values())
 
-    depth = results["depth"]
-    assert list(depth) == ["base (untouched)", "stock", "lns-immediate", "lns-ramp"]
-    for name, entry in depth.items():
-        assert len(entry["removal_loss_increase"]) == 5, name  # stories260K has 5 blocks
-        assert all_finite(entry["removal_loss_increase"] + entry["output_variance"] + entry["angular_distance_next"])
-    assert depth["base (untouched)"]["status"] == "stock" and depth["lns-ramp"]["status"] == "lns"
+    # aggregates over seeds are the per-seed numbers' mean, min and max
+    finals = [frozen[seed]["final_eval_perplexity"] for seed in ("3", "4")]
+    assert arms["lns-distill-frozen"]["final_eval_perplexity"]["mean"] == pytest.approx(sum(finals) / 2)
+    assert arms["lns-distill-frozen"]["final_eval_perplexity"]["min"] == pytest.approx(min(finals))
+    vs_stock = [100 * (frozen[s]["final_eval_perplexity"] / stock[s]["final_eval_perplexity"] - 1) for s in ("3", "4")]
+    assert arms["lns-distill-frozen"]["final_vs_stock_percent"]["mean"] == pytest.approx(sum(vs_stock) / 2)
+    assert arms["stock"]["final_vs_stock_percent"] is None and arms["stock"]["recovery_tokens"] is None
+    recovery = arms["lns-distill-frozen"]["recovery_tokens"]
+    assert set(recovery) == {"90%", "99%"}
+    for level, share in (("90%", 0.9), ("99%", 0.99)):
+        target = results["converted_eval_perplexity"] - share * (results["converted_eval_perplexity"] - results["base_eval_perplexity"])
+        for seed, reached in zip(("3", "4"), recovery[level]["per_seed"]):
+            first = next((p["tokens"] for p in frozen[seed]["eval_curve"] if p["eval_perplexity"] <= target), "not reached")
+            assert reached == first, (level, seed)
+
+    # frozen norms keep the scaling exactly; a stock model has no effective scales
+    scales = arms["lns-distill-frozen"]["effective_scales"]
+    assert arms["stock"]["effective_scales"] is None
+    assert scales["nominal"] == pytest.approx([1 / math.sqrt(block) for block in range(1, 6)], rel=1e-12)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        assert scales["per_block_mean"][norm] == pytest.approx(scales["nominal"], rel=1e-6)
+        assert scales["ratio_mean"][norm]["mean"] == pytest.approx(1.0, rel=1e-6)
+        assert scales["undone_fraction"][norm]["max"] == 0.0
+    # before / after depth numbers: the middle third of 5 blocks is blocks 2-3
+    before = results["depth_before"]
+    assert list(before) == ["base (untouched)", "converted (step 0)"]
+    assert before["base (untouched)"]["effective_scales"] is None
+    assert before["converted (step 0)"]["effective_scales"]["ratio_mean"]["input_layernorm"] == pytest.approx(1.0)
+    for entry in list(before.values()) + [run["depth"] for by_seed in runs.values() for run in by_seed.values()]:
+        assert entry["middle_removal_loss_increase"] == pytest.approx(sum(entry["removal_loss_increase"][1:3]) / 2)
+        assert entry["last_output_variance"] == entry["output_variance"][-1] and len(entry["output_variance"]) == 5
+    assert arms["stock"]["middle_removal_loss_increase"]["n"] == 2
 
     verdict = results["verdict"]
-    assert verdict["ranking"][0] == verdict["best"] and sorted(verdict["ranking"]) == sorted(arms)
+    assert verdict["distill_vs_stock"] in ("beat", "lost to", "matched (within the seed spread)")
+    assert verdict["undo"].startswith("No norms-trained LNS arm ran")
     summary = (out / "summary.md").read_text()
-    assert verdict["headline"] in summary and "came out ahead" in summary
+    assert verdict["headline"] in summary and verdict["recovery"] in summary
+    assert "| lns-distill-frozen | 1.000 | 0.000 | 0.00 | 1.000 | 0.000 | 0.00 |" in summary
     assert_png(out / "eval_perplexity.png")
+    assert_png(out / "effective_scales.png")
     assert (out / "depth" / "report.json").is_file()
     assert_png(out / "depth" / "removal.png")
 
 
-def test_healing_study_refuses_bad_settings(stories_path, tmp_path):
+def test_healing_study_summaries():
+    study = healing_study_module()
+    assert list(study.middle_blocks(5)) == [1, 2] and list(study.middle_blocks(30)) == list(range(10, 20))
+    assert list(study.middle_blocks(2)) == [0]
+    # a block whose norm learned w -> sqrt(l) * w is fully undone; one that kept w is not
+    layers = [{"lns_scale": 1 / math.sqrt(block), "effective_scale": {"norm": value}}
+              for block, value in ((1, 1.0), (2, 1.0), (3, 1 / math.sqrt(3)), (4, 0.75))]
+    summary = study.effective_summary(layers)
+    assert summary["ratio_mean"]["norm"] == pytest.approx((math.sqrt(2) + 1 + 1.5) / 3)
+    assert summary["undone_fraction"]["norm"] == pytest.approx(1 / 3)
+    assert summary["undone_share"]["norm"] == pytest.approx((1 + 0 + 0.5) / 3)
+    curve = [{"tokens": 0, "eval_perplexity": 100.0, "lns_alpha": 1.0},
+             {"tokens": 10, "eval_perplexity": 18.0, "lns_alpha": 1.0},
+             {"tokens": 20, "eval_perplexity": 10.5, "lns_alpha": 1.0}]
+    # jump 100 -> 10: 90% recovered at or below 19, 99% at or below 10.9
+    assert study.recovery_tokens(curve, 10.0, 100.0) == {"90%": 10, "99%": 20}
+    assert study.recovery_tokens(curve[:2], 10.0, 100.0) == {"90%": 10, "99%": "not reached"}
+    ramp = [{**point, "lns_alpha": 0.5 if point["tokens"] < 20 else 1.0} for point in curve]
+    assert study.recovery_tokens(ramp, 10.0, 100.0) == {"90%": 20, "99%": 20}  # only full-LNS evaluations count
+    assert study.recovery_tokens(curve, None, 100.0) == {"90%": None, "99%": None}
+    assert study.spread([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(math.sqrt(2)), "min": 1.0, "max": 3.0, "n": 2}
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--ramp-steps", "9"], "error: --ramp-steps must be between 1 and --steps (4), so that the ramp arm ends at full LNS"),
+    (["--arms", "stock,lns-nothing"], "error: --arms takes distinct names from stock, lns-lm, lns-lm-frozen, lns-distill, "
+                                      "lns-distill-frozen, lns-ramp; got 'stock,lns-nothing'"),
+    (["--seeds", "0,0"], "error: --seeds needs at least one value and no repeats, got '0,0'"),
+    (["--seeds", "a"], "error: --seeds takes comma-separated integers, got 'a'"),
+])
+def test_healing_study_refuses_bad_settings(stories_path, tmp_path, options, message):
     out = tmp_path / "healing"
     result = run_script("scripts/healing_study.py", "--model", str(stories_path), "--data", "unused.jsonl", "--steps", "4",
-                        "--ramp-steps", "9", "--out", str(out))
+                        *options, "--out", str(out))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: --ramp-steps must be between 1 and --steps (4), so that the ramp arm ends at full LNS"]
+    assert result.stderr.strip().splitlines() == [message]
     assert not out.exists()
 
 
