@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -78,6 +78,7 @@ class Project:
     stock: Path
     lns: Path
     monkeypatch: pytest.MonkeyPatch
+    cleanups: list = field(default_factory=list)
 
     def model(self, relative: str, kind: str = "stock") -> Path:
         target = self.root / relative
@@ -384,6 +385,39 @@ def _sft_empty_data(p):
     return ["sft", "--recipe", str(_recipe(p, "", empty)), "--output_dir", str(p.root / "out")]
 
 
+def _silent_hub(p) -> str:
+    """A local endpoint that accepts connections and never answers, alive for the rest of the test."""
+    import threading
+
+    from huggingface_hub import constants
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+
+    def accept_and_hold():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # closed at the end of the test
+                return
+
+    threading.Thread(target=accept_and_hold, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    p.monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    p.monkeypatch.setattr(constants, "ENDPOINT", url)
+    p.monkeypatch.setenv("HF_ENDPOINT", url)
+    p.cleanups.append(server.close)
+    return url
+
+
+def _push_to_a_hub_that_never_answers(p):
+    model = p.model("x-lns", "lns")
+    _silent_hub(p)
+    return ["push", str(model), "--repo-id", REPO_ID, "--token", "hf_NotARealToken", "--hub-timeout", "2"]
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -416,6 +450,7 @@ CASES = [
     Case("push-folder-holds-a-fifo", _push_folder_with_a_fifo, "is a named pipe (FIFO)"),
     Case("push-load-check-that-hangs", _push_load_check_that_hangs, "did not finish within 3 s"),
     Case("push-whose-upload-fails", _push_whose_upload_fails, "cannot reach the Hub"),
+    Case("push-to-a-hub-that-never-answers", _push_to_a_hub_that_never_answers, "stopped answering"),
     Case("convert-config-field-of-the-wrong-type", _convert_config_field_of_the_wrong_type, "expected int, got str"),
     Case("fold-lns-record-not-an-object", _fold_lns_record_that_is_not_an_object, "'lns' must be an object"),
     Case("fold-alpha-out-of-range", _fold_alpha_out_of_range, "'lns.alpha' must be a number from 0 to 1"),
@@ -446,7 +481,11 @@ def test_bad_input_is_refused_and_changes_nothing(case, models, tmp_path, monkey
     before = tree_state(project.root)
 
     started = time.monotonic()
-    result = invoke_cli(*argv)
+    try:
+        result = invoke_cli(*argv)
+    finally:
+        for cleanup in project.cleanups:
+            cleanup()
     seconds = time.monotonic() - started
 
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

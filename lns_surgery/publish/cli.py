@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-# The limit is shown in --help; importing it must stay cheap (validate imports only the standard library at the top).
+# The limits are shown in --help; importing them must stay cheap (both modules import only the standard
+# library and this package at the top).
+from lns_surgery.publish.upload import HUB_TIMEOUT_S
 from lns_surgery.publish.validate import LOAD_CHECK_TIMEOUT_S
 
 
@@ -83,7 +85,10 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, token: str | Non
                    f"({LOAD_CHECK_TIMEOUT_S} by default).")
 @click.option("--check-load-timeout", type=click.IntRange(min=1), default=LOAD_CHECK_TIMEOUT_S, show_default=True,
               help="Seconds the --check-load process may take.")
-def push_command(folder, repo_id, private, branch, create_pr, message, token, dry_run, check_load, check_load_timeout):
+@click.option("--hub-timeout", type=click.FloatRange(min=0.1), default=HUB_TIMEOUT_S, show_default=True,
+              help="Seconds of silence from the Hub (connecting, or between bytes) before the push gives up.")
+def push_command(folder, repo_id, private, branch, create_pr, message, token, dry_run, check_load, check_load_timeout,
+                 hub_timeout):
     """Validate the checkpoint in FOLDER, write its model card, and upload it to the Hugging Face Hub.
 
     The folder is checked without running any of its code: config, custom-code files, weights, tokenizer.
@@ -96,5 +101,5 @@ def push_command(folder, repo_id, private, branch, create_pr, message, token, dr
 
     result = push(folder, repo_id, private=private, branch=branch, create_pr=create_pr, message=message,
                   token=token, dry_run=dry_run, check_load=check_load, load_timeout=check_load_timeout,
-                  progress=_progress)
+                  progress=_progress, timeout=hub_timeout)
     echo_result(result, show_card=dry_run)

@@ -11,6 +11,7 @@ process, and any message that could echo it is scrubbed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +78,9 @@ def _hub_error(exc: BaseException, what: str, endpoint: str, token: str) -> LNSE
             message = f"{what}: the token may not write there (403): {first_line(exc)}"
         else:
             message = f"{what}: the Hub answered {status}: {first_line(exc)}"
+    elif {cls.__name__ for cls in type(exc).__mro__} & {"TimeoutException", "TimeoutError"}:
+        message = (f"{what}: the Hub at {endpoint} stopped answering ({type(exc).__name__}); "
+                   "--hub-timeout sets how many seconds of silence a push accepts")
     elif _is_connection_error(exc):
         message = f"{what}: cannot reach the Hub at {endpoint} ({type(exc).__name__}: {first_line(exc)})"
     else:
@@ -91,6 +95,27 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 
 # --- the Hub ------------------------------------------------------------------------------------
+
+HUB_TIMEOUT_S = 120  # seconds of silence (connecting, or between bytes) a push accepts from the Hub
+
+
+@contextlib.contextmanager
+def hub_timeout(seconds: float):
+    """Give huggingface_hub's shared HTTP client a time limit while a push talks to the Hub.
+
+    The client waits forever by default, so a Hub that accepts the connection and never answers would
+    hang the push with no message. The limit is per network operation, not for the whole upload, so a
+    large upload that keeps moving is never cut off.
+    """
+    from huggingface_hub.utils import get_session
+
+    client = get_session()
+    previous = client.timeout
+    client.timeout = type(previous)(seconds)
+    try:
+        yield
+    finally:
+        client.timeout = previous
 
 
 def _check_account(api, token: str) -> str:
@@ -164,6 +189,7 @@ def push(
     endpoint: str | None = None,
     load_timeout: float = LOAD_CHECK_TIMEOUT_S,
     progress: Callable[[str], None] | None = None,
+    timeout: float = HUB_TIMEOUT_S,
 ) -> PushResult:
     """Validate ``folder`` and publish it as the model repository ``repo_id``; returns what was done.
 
@@ -172,8 +198,16 @@ def push(
     checkpoint in a fresh process, which executes the folder's code (see ``validate.load_check``);
     without it nothing of the folder is run. Raises LNSError (one line, token-free) on any refusal or
     failure; nothing is uploaded then, and the folder is left as it was. ``progress`` receives a line
-    before each slow step.
+    before each slow step. ``timeout`` is how many seconds of silence from the Hub end the push.
     """
+    with hub_timeout(timeout):
+        return _push(folder, repo_id, private=private, branch=branch, create_pr=create_pr, message=message,
+                     token=token, dry_run=dry_run, check_load=check_load, endpoint=endpoint,
+                     load_timeout=load_timeout, progress=progress)
+
+
+def _push(folder, repo_id, *, private, branch, create_pr, message, token, dry_run, check_load, endpoint,
+          load_timeout, progress) -> PushResult:
     say = progress or (lambda line: None)
     folder = Path(folder)
     _check_arguments(repo_id, branch, create_pr, message)
