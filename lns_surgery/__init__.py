@@ -17,7 +17,7 @@ _API = {
     "set_lns_alpha": "lns_surgery.conversion.apply",
     "is_lns_model": "lns_surgery.conversion.apply",
     "supported_architectures": "lns_surgery.conversion.registry",
-    "register_auto_classes": "lns_surgery.modeling.auto",
+    "register_auto_classes": "lns_surgery.conversion.registry",
     "layer_scale": "lns_surgery.modeling.lns_layers",
     "load_model": "lns_surgery.loading",
     "load_tokenizer": "lns_surgery.loading",
@@ -25,7 +25,7 @@ _API = {
     "analyze_model": "lns_surgery.analysis.run",
     "push": "lns_surgery.publish.upload",
     "push_to_hub": "lns_surgery.publish.cli",
-    "LNSError": "lns_surgery.errors",
+    "LNSError": "lns_surgery.core.errors",
 }
 
 __all__ = sorted(_API)

@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from lns_surgery.errors import LNSError, first_line
+from lns_surgery.core.errors import LNSError, first_line
 
 # command name -> (module, attribute, one-line help shown by `lns-surgery --help`)
 COMMANDS = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lns_surgery.errors import LNSError, first_line
-from lns_surgery.sources import resolve_builtin
+from lns_surgery.core.errors import LNSError, first_line
+from lns_surgery.core.sources import resolve_builtin
 
 
 def _config_dict(path: str | Path) -> dict | None:
@@ -19,9 +19,8 @@ def _config_dict(path: str | Path) -> dict | None:
 def _register_lns_classes(path) -> bool:
     """For an LNS checkpoint on disk, register this process's LNS classes for its ``model_type``; False
     only when it is LNS but its base model is itself custom code (then only remote code can load it)."""
+    from lns_surgery.core.lns_status import lns_record_problem, lns_status
     from lns_surgery.modeling.auto import register
-
-    from lns_surgery.conversion.checkpoint import lns_record_problem
 
     config = _config_dict(path)
     if config is None:
@@ -29,9 +28,10 @@ def _register_lns_classes(path) -> bool:
     problem = lns_record_problem(config)
     if problem:
         raise LNSError(f"'{path}': {problem}")
-    if not config.get("lns"):
+    status = lns_status(config)
+    if status.kind != "lns":
         return True
-    return register(config["lns"]) is not None
+    return register(status.record) is not None
 
 
 def load_model(path: str | Path, *, trust_remote_code: bool = False, **kwargs):

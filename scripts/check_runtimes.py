@@ -452,20 +452,20 @@ def check(args) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = ["versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
-             "| runtime | model | checkpoint, loaded as | should equal | greedy tokens equal | argmax at every position "
-             "| max abs log-prob diff | ... vs the other function | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    from lns_surgery.core.markdown import table  # here: the workers run this file where lns_surgery is absent
+
+    rows = []
     for row in report["rows"]:
         where = f"{row['checkpoint']}, {row['loaded_as']}"
         if "error" in row:
-            lines.append(f"| {row['runtime']} | {row['model']} | {where} | {row['should_equal']} | - | - | - | - | {row['error']} |")
+            rows.append([row["runtime"], row["model"], where, row["should_equal"], None, None, None, None, row["error"]])
             continue
-        lines.append(
-            f"| {row['runtime']} | {row['model']} | {where} | {row['should_equal']} | "
-            f"{row['greedy_agree']}/{report['new_tokens']} | {'yes' if row['argmax_agree'] else 'no'} | "
-            f"{row['max_logprob_diff']:.1e} | {row['max_logprob_diff_other']:.2g} | {row.get('notes', '')} |")
-    return "\n".join(lines)
+        rows.append([row["runtime"], row["model"], where, row["should_equal"], f"{row['greedy_agree']}/{report['new_tokens']}",
+                     "yes" if row["argmax_agree"] else "no", f"{row['max_logprob_diff']:.1e}",
+                     f"{row['max_logprob_diff_other']:.2g}", row.get("notes", "")])
+    header = ["runtime", "model", "checkpoint, loaded as", "should equal", "greedy tokens equal", "argmax at every position",
+              "max abs log-prob diff", "... vs the other function", "notes"]
+    return "\n".join(["versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "", *table(header, rows)])
 
 
 def main() -> None:

@@ -87,7 +87,7 @@ import time
 from pathlib import Path
 
 from lns_surgery.analysis.plots import log_axis
-from lns_surgery.analysis.report import json_safe
+from lns_surgery.core.reports import json_safe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LNS_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -152,7 +152,7 @@ def parse_args(argv=None):
 
 
 def _int_list(text: str, option: str) -> list[int]:
-    from lns_surgery.errors import LNSError
+    from lns_surgery.core.errors import LNSError
 
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
@@ -165,7 +165,7 @@ def _int_list(text: str, option: str) -> list[int]:
 
 def study_settings(args) -> dict:
     """The settings every run shares, with the defaults that depend on --steps resolved."""
-    from lns_surgery.errors import LNSError
+    from lns_surgery.core.errors import LNSError
 
     if args.model is None or args.data is None or args.steps is None:
         raise LNSError("--model, --data and --steps are required (only --prepare-smollm2 runs without them)")
@@ -346,7 +346,7 @@ def recovery_tokens(curve: list[dict], base_ppl: float | None, converted_ppl: fl
 def resolve_source_folder(model: str) -> str:
     """The local folder of the base checkpoint, for the effective scales (a Hub id: its cached snapshot)."""
     if str(model).startswith("builtin:"):
-        from lns_surgery.conversion.builtin import builtin_path
+        from lns_surgery.core.sources import builtin_path
 
         return str(builtin_path(str(model)[len("builtin:"):]))
     if Path(model).expanduser().is_dir():
@@ -369,8 +369,8 @@ def run_study(settings: dict, out: Path, *, overwrite: bool = False, keep_models
     from lns_surgery import apply_layernorm_scaling, is_lns_model, load_model, load_tokenizer
     from lns_surgery.analysis import analyze_model, token_windows
     from lns_surgery.analysis.report import build_report, write_outputs
-    from lns_surgery.conversion.checkpoint import atomic_output_dir, check_output
-    from lns_surgery.errors import LNSError
+    from lns_surgery.core.errors import LNSError
+    from lns_surgery.core.outputs import atomic_output_dir, check_output
     from lns_surgery.training.run import train_from_dict
 
     check_output(out, overwrite)
@@ -846,7 +846,7 @@ def prepare_smollm2(folder: Path, gguf: Path = SMOLLM2_GGUF) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lns_surgery.errors import LNSError
+    from lns_surgery.core.errors import LNSError
 
     folder = folder.expanduser()
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
@@ -881,7 +881,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # clean up temporary folders
-    from lns_surgery.errors import LNSError
+    from lns_surgery.core.errors import LNSError
 
     try:
         if args.prepare_smollm2 is None or args.data is not None or args.steps is not None:

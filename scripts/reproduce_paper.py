@@ -48,7 +48,8 @@ import time
 from pathlib import Path
 
 from lns_surgery.analysis.plots import log_axis
-from lns_surgery.analysis.report import json_safe
+from lns_surgery.core.markdown import table
+from lns_surgery.core.reports import json_safe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("LNS_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -209,7 +210,7 @@ def check_same_start(folders: list[Path]) -> None:
     """Both arms must start from identical weights (the LNS scale is not a parameter)."""
     from safetensors.torch import load_file
 
-    from lns_surgery.errors import LNSError
+    from lns_surgery.core.errors import LNSError
 
     first, second = (load_file(str(folder / "model.safetensors")) for folder in folders)
     if first.keys() != second.keys() or any(not first[name].equal(second[name]) for name in first):
@@ -251,8 +252,8 @@ def run(preset: dict, seed: int, out: Path, *, overwrite: bool = False, keep_mod
     from lns_surgery import load_tokenizer
     from lns_surgery.analysis import analyze_model
     from lns_surgery.analysis.report import build_report, write_outputs
-    from lns_surgery.conversion.checkpoint import atomic_output_dir, check_output
-    from lns_surgery.errors import LNSError
+    from lns_surgery.core.errors import LNSError
+    from lns_surgery.core.outputs import atomic_output_dir, check_output
     from lns_surgery.training.models import init_model
     from lns_surgery.training.run import train_from_dict
 
@@ -435,16 +436,6 @@ def write_plots(results: dict, folder: Path) -> None:
     plt.close(figure)
 
 
-def _fmt(value, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    if abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-3):
-        return f"{value:.{digits}e}"
-    return f"{value:.{digits}f}"
-
-
 def summary_markdown(results: dict) -> str:
     arms, depth, comp, training = results["arms"], results["depth"], results["comparison"], results["training"]
     model = results["model"]
@@ -463,32 +454,29 @@ def summary_markdown(results: dict) -> str:
               f"({ppl['lns_vs_pre_ln_percent']:+.1f}%: LNS {verdict}).** The paper's LLaMA-130M on C4: Pre-LN 26.73, "
               f"LNS 25.76 ({ppl['paper_lns_vs_pre_ln_percent']:+.1f}%).", ""]
 
-    lines += ["| | Pre-LN | LNS | paper 130M, Pre-LN | paper 130M, LNS |", "|---|---|---|---|---|"]
-    lines.append(f"| final perplexity | {_fmt(ppl['pre-ln'])} | {_fmt(ppl['lns'])} | 26.73 | 25.76 |")
     variance = comp["last_block_output_variance"]
-    lines.append(f"| last block output variance, peak during training | {_fmt(variance['peak_during_training']['pre-ln'])} | "
-                 f"{_fmt(variance['peak_during_training']['lns'])} | ~175 | ~25 |")
-    lines.append(f"| last block output variance, end | {_fmt(variance['final']['pre-ln'])} | {_fmt(variance['final']['lns'])} | | |")
     share = comp["deep_half_share_of_removal_loss"]
-    lines.append(f"| share of the removal loss on the deeper half of the blocks | {share['pre-ln']:.0%} | {share['lns']:.0%} | | |")
     angular = comp["mean_angular_distance_next"]
-    lines.append(f"| mean angular distance input -> output, deeper half | {_fmt(angular['deep_half']['pre-ln'], 3)} | "
-                 f"{_fmt(angular['deep_half']['lns'], 3)} | | |")
+    rows = [
+        ["final perplexity", ppl["pre-ln"], ppl["lns"], "26.73", "25.76"],
+        ["last block output variance, peak during training", variance["peak_during_training"]["pre-ln"],
+         variance["peak_during_training"]["lns"], "~175", "~25"],
+        ["last block output variance, end", variance["final"]["pre-ln"], variance["final"]["lns"], "", ""],
+        ["share of the removal loss on the deeper half of the blocks", f"{share['pre-ln']:.0%}", f"{share['lns']:.0%}", "", ""],
+        ["mean angular distance input -> output, deeper half", angular["deep_half"]["pre-ln"], angular["deep_half"]["lns"], "", ""],
+    ]
+    lines += table(["", "Pre-LN", "LNS", "paper 130M, Pre-LN", "paper 130M, LNS"], rows)
 
-    lines += ["", "## Held-out perplexity by step", "", "| step | Pre-LN | LNS |", "|---|---|---|"]
     lns_curve = {p["step"]: p["eval_perplexity"] for p in arms["lns"]["eval_curve"]}
-    for point in arms["pre-ln"]["eval_curve"]:
-        lines.append(f"| {point['step']} | {_fmt(point['eval_perplexity'])} | {_fmt(lns_curve.get(point['step']))} |")
+    rows = [[point["step"], point["eval_perplexity"], lns_curve.get(point["step"])] for point in arms["pre-ln"]["eval_curve"]]
+    lines += ["", "## Held-out perplexity by step", "", *table(["step", "Pre-LN", "LNS"], rows)]
 
+    rows = [[index + 1] + [depth[arm][measure][index] for measure in ("output_variance", "angular_distance_next",
+                                                                      "removal_loss_increase") for arm in ("pre-ln", "lns")]
+            for index in range(model["num_hidden_layers"])]
     lines += ["", "## Per block at the end", "",
-              "| block | variance Pre-LN | variance LNS | angular dist. Pre-LN | angular dist. LNS "
-              "| removal Δloss Pre-LN | removal Δloss LNS |",
-              "|---|---|---|---|---|---|---|"]
-    for index in range(model["num_hidden_layers"]):
-        row = [depth["pre-ln"]["output_variance"][index], depth["lns"]["output_variance"][index],
-               depth["pre-ln"]["angular_distance_next"][index], depth["lns"]["angular_distance_next"][index],
-               depth["pre-ln"]["removal_loss_increase"][index], depth["lns"]["removal_loss_increase"][index]]
-        lines.append(f"| {index + 1} | " + " | ".join(_fmt(v, 3) for v in row) + " |")
+              *table(["block", "variance Pre-LN", "variance LNS", "angular dist. Pre-LN", "angular dist. LNS",
+                      "removal Δloss Pre-LN", "removal Δloss LNS"], rows)]
     lines += ["", "Removal Δloss: loss increase (nats/token) on held-out windows when the block is bypassed. "
               "Angular distance: arccos(cos)/pi between a block's input and output, mean over tokens.", "",
               "![held-out perplexity](eval_perplexity.png)", "", "![variance](variance_through_training.png)", "",
@@ -500,7 +488,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # clean up temporary folders
-    from lns_surgery.errors import LNSError
+    from lns_surgery.core.errors import LNSError
 
     out = args.out or Path("out") / f"reproduce-{args.preset}"
     try:

@@ -14,7 +14,7 @@ from tiny_models import tiny_model
 import lns_surgery
 from conftest import run_cli, shared_path
 from lns_surgery.analysis import analyze, evaluate_nll
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 
 LAYER_KEYS = {"index", "block", "lns_scale", "output_variance", "residual_norm", "attention_update_norm",
               "mlp_update_norm", "angular_distance_next", "removal_perplexity", "removal_loss_increase"}

@@ -9,7 +9,7 @@ import pytest
 from conftest import shared_path
 from lns_surgery import load_tokenizer
 from lns_surgery.analysis import token_windows
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 
 
 @pytest.fixture(scope="module")

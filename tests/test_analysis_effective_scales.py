@@ -14,7 +14,7 @@ from tiny_models import tiny_model
 import lns_surgery
 from lns_surgery.analysis.effective_scales import effective_scales
 from lns_surgery.analysis.run import analyze
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 
 NORMS = ["input_layernorm", "post_attention_layernorm"]
 

@@ -196,7 +196,7 @@ def test_analyze_model_leaves_the_model_as_it_was_and_reports_lns_scales():
 
 
 def test_analyze_model_tokenises_text_and_refuses_windows_longer_than_the_model():
-    from lns_surgery.errors import LNSError
+    from lns_surgery.core.errors import LNSError
 
     model = tiny_model("llama")  # max_position_embeddings 64
     with pytest.raises(LNSError, match="longer than"):

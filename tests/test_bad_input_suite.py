@@ -21,6 +21,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, STORIES, invoke_cli, shared_path
 
-from lns_surgery.outputs import MARKER_NAME
+from lns_surgery.core.outputs import MARKER_NAME
 
 REPO_ID = "tester/stories-lns"
 TEXT = "Once upon a time, a little girl named Lily found a shiny red ball in the park.\n" * 8
@@ -548,6 +549,27 @@ def test_a_live_runs_temporary_folder_is_left_alone(models, tmp_path):
         assert result.returncode == 0, result.stderr
         assert "removed" not in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, "out"])
+
+
+def test_push_removes_the_scratch_folders_that_killed_runs_left_and_keeps_live_ones(models, tmp_path, monkeypatch):
+    """push stages its upload and runs its load check in scratch folders of the system temp dir. A
+    SIGKILL leaves them there; the next push removes those whose process is gone, and says so."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = temp / f"lns-publish-{int(ended.stdout)}-0123abcd"  # its marker is unlocked: nobody holds it
+    (dead / "view").mkdir(parents=True)
+    (dead / MARKER_NAME).write_text("{}")
+    (dead / "view" / "model.safetensors").write_bytes(b"half an upload")
+    live = temp / f"lns-load-check-{os.getpid()}-4567abcd"
+    live.mkdir()
+    with open(live / MARKER_NAME, "w") as marker:
+        fcntl.flock(marker.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running load check holds it
+        result = invoke_cli("push", str(models["lns"]), "--repo-id", REPO_ID, "--dry-run")
+        assert result.returncode == 0, result.stderr
+    assert f"removed 1 scratch folder(s) that stopped runs left in '{temp}': {dead.name}" in result.stderr
+    assert [path.name for path in temp.iterdir()] == [live.name]  # this push's own scratch folder is gone too
 
 
 @pytest.fixture(scope="module")

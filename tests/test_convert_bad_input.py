@@ -17,7 +17,7 @@ from lns_reference import hooked_reference
 from tiny_models import tiny_model
 
 import lns_surgery
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lns_surgery.conversion.detect import find_pre_norms
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 
 H = 8
 

@@ -15,8 +15,8 @@ import pytest
 from conftest import STORIES, run_fresh_python, shared_path
 from fake_hub import FakeHub
 
-from lns_surgery.conversion.checkpoint import read_safetensors_header
-from lns_surgery.errors import LNSError
+from lns_surgery.core.checkpoint import read_safetensors_header
+from lns_surgery.core.errors import LNSError
 
 TOKEN = "hf_TestTokenThatMustNeverBePrinted0123456789"
 REPO = "tester/stories260K-lns"

@@ -10,8 +10,8 @@ import struct
 import pytest
 from conftest import STORIES, shared_path
 
-from lns_surgery.conversion.checkpoint import read_safetensors_header
-from lns_surgery.errors import LNSError
+from lns_surgery.core.checkpoint import read_safetensors_header
+from lns_surgery.core.errors import LNSError
 from lns_surgery.publish.files import select_files, staged_view
 from lns_surgery.publish.validate import check_checkpoint, validate_checkpoint
 

@@ -14,7 +14,7 @@ from tiny_models import tiny_config, tiny_model
 
 from lns_surgery.conversion.detect import detect_architecture
 from lns_surgery.conversion.registry import load_registry, lookup, parse_registry, supported_architectures
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 
 ARCHS = supported_architectures()
 REQUIRED = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import shared_path
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 from lns_surgery.training import data
 from lns_surgery.training.recipe import recipe_from_dict
 from lns_surgery.training.run import build_trainer

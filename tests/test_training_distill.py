@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import shared_path
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 from lns_surgery.training.distill import distillation_loss
 from lns_surgery.training.recipe import recipe_from_dict
 from lns_surgery.training.run import build_trainer, train_from_dict

@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from lns_surgery.cli import main
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 from lns_surgery.training.recipe import parse_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parent.parent

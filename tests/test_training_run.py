@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from transformers import TrainerCallback
 
 from conftest import REPO_ROOT, run_cli, run_fresh_python, shared_path
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 from lns_surgery.training.callbacks import ramp_alpha
 from lns_surgery.training.recipe import recipe_from_dict
 from lns_surgery.training.run import build_trainer, train, train_from_dict

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, STORIES, run_fresh_python, shared_path
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 from lns_surgery.modeling.lns_layers import layer_scale
 from lns_surgery.training.run import train_from_dict
 

@@ -25,8 +25,8 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lns_surgery.errors import LNSError, first_line
-from lns_surgery.sources import is_hub_id
+from lns_surgery.core.errors import LNSError, first_line
+from lns_surgery.core.sources import is_hub_id
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 RECORD_SUFFIXES = (".jsonl", ".json")

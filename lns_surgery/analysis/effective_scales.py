@@ -18,24 +18,16 @@ from pathlib import Path
 
 import torch
 
-from lns_surgery.errors import LNSError
-
-
-def _lns_record(config) -> tuple[dict | None, bool]:
-    lns = getattr(config, "lns", None)
-    if isinstance(lns, dict):
-        return lns, False
-    folded = getattr(config, "lns_folded", None)
-    return (folded, True) if isinstance(folded, dict) else (None, False)
+from lns_surgery.core.errors import LNSError
+from lns_surgery.core.lns_status import lns_status
 
 
 def source_of(model) -> str | None:
     """The source checkpoint an LNS (or folded) model records, if it is a folder on this machine."""
-    lns, _ = _lns_record(model.config)
-    source = ((lns or {}).get("source") or {}).get("model")
+    source = ((lns_status(model.config).record or {}).get("source") or {}).get("model")
     if not source:
         return None
-    from lns_surgery.sources import resolve_builtin
+    from lns_surgery.core.sources import resolve_builtin
 
     folder = resolve_builtin(str(source))
     return str(folder) if Path(folder).expanduser().is_dir() else None
@@ -44,8 +36,8 @@ def source_of(model) -> str | None:
 def _source_tensors(folder: str, model, wanted: list[str]) -> dict[str, torch.Tensor]:
     """The source checkpoint's tensors for the module parameter names ``wanted``, read from its files
     (transformers' own key renames applied, as when it loads them)."""
-    from lns_surgery.conversion import checkpoint
-    from lns_surgery.conversion.tensor_names import file_keys_by_module_key
+    from lns_surgery.core import checkpoint
+    from lns_surgery.core.tensor_names import file_keys_by_module_key
 
     tensors = checkpoint.weight_map(Path(folder).expanduser())
     if tensors is None:
@@ -65,10 +57,11 @@ def effective_scales(model, source: str | None = None) -> dict | None:
     and not given).
     """
     from lns_surgery.analysis.measures import unwrap
-    from lns_surgery.modeling.lns_layers import layer_scale, resolve_layers
+    from lns_surgery.modeling.lns_layers import resolve_layers
 
     model = unwrap(model)
-    lns, folded = _lns_record(model.config)
+    status = lns_status(model.config)
+    lns, folded = status.record, status.kind == "lns-folded"
     if lns is None:
         return None
     source = source or source_of(model)
@@ -77,7 +70,7 @@ def effective_scales(model, source: str | None = None) -> dict | None:
     rule = lns.get("fold_rule") or {"gemma_rmsnorm": "one_plus"}.get(lns.get("norm_kind"), "scale")
     blocks = resolve_layers(model, lns["layers"])
     prefix = next(name for name, module in model.named_modules() if module is blocks)
-    nominal = [layer_scale(index, float(lns.get("alpha", 1.0))) for index in range(len(blocks))]
+    nominal = status.scales(len(blocks))
     weights = {}
     for index, block in enumerate(blocks):
         for norm in lns["norms"]:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 
 # Decoder block lists of models the registry does not know (post-norm families, custom code).
 _COMMON_BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks")
@@ -62,7 +62,7 @@ def block_layout(model: nn.Module) -> BlockLayout:
     if lns:
         return BlockLayout(lns["layers"], resolve_layers(model, lns["layers"]), tuple(lns["norms"]))
     try:
-        from lns_surgery.conversion.apply import architecture_for_model
+        from lns_surgery.conversion import architecture_for_model
 
         arch = architecture_for_model(model)
         return BlockLayout(arch.layers, resolve_layers(model, arch.layers), tuple(arch.norms))

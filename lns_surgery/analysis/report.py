@@ -60,23 +60,14 @@ A number that is not finite (a perplexity that overflowed) is written as null.
 from __future__ import annotations
 
 import json
-import math
 import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lns_surgery.core.markdown import table
+from lns_surgery.core.reports import json_safe
+
 SCHEMA_VERSION = 1
-
-
-def json_safe(value):
-    """JSON has no inf/nan: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
 
 
 def slugs(names: list[str]) -> list[str]:
@@ -114,25 +105,6 @@ def build_report(entries: list[dict], settings: dict) -> dict:
     })
 
 
-def _number(value, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return "inf"
-        magnitude = abs(value)
-        if magnitude != 0 and (magnitude >= 1e5 or magnitude < 1e-3):
-            return f"{value:.{digits - 1}e}"
-        return f"{value:.{digits}g}" if magnitude >= 1 else f"{value:.{digits}f}"
-    return str(value)
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_number(cell) if not isinstance(cell, str) else cell for cell in row) + " |" for row in rows]
-    return lines
-
-
 def summary_markdown(report: dict) -> str:
     """The report's tables as Markdown."""
     models = report["models"]
@@ -145,11 +117,11 @@ def summary_markdown(report: dict) -> str:
     )
     lines += ["", "## Models", ""]
     rows = [[m["name"], m["status"] + (f" (alpha {m['lns_alpha']:g})" if m["lns_alpha"] is not None else ""),
-             m["num_layers"], f"{m['tokens']:,}", m["perplexity"],
+             m["num_layers"], m["tokens"], m["perplexity"],
              max((layer["removal_loss_increase"] for layer in m["layers"] if layer["removal_loss_increase"] is not None), default=None),
              min((layer["removal_loss_increase"] for layer in m["layers"] if layer["removal_loss_increase"] is not None), default=None)]
             for m in models]
-    lines += _table(["model", "status", "layers", "tokens", "perplexity", "largest Δloss", "smallest Δloss"], rows)
+    lines += table(["model", "status", "layers", "tokens", "perplexity", "largest Δloss", "smallest Δloss"], rows)
 
     for model in models:
         lines += ["", f"## {model['name']}", ""]
@@ -157,7 +129,7 @@ def summary_markdown(report: dict) -> str:
         rows = [[layer["block"], layer["lns_scale"], layer["output_variance"], layer["attention_update_norm"],
                  layer["mlp_update_norm"], layer["angular_distance_next"], layer["removal_perplexity"],
                  layer["removal_loss_increase"]] for layer in model["layers"]]
-        lines += _table(["block", "LNS scale", "output variance", "attention update", "MLP update",
+        lines += table(["block", "LNS scale", "output variance", "attention update", "MLP update",
                          "angular dist. to next", "removal perplexity", "Δloss"], rows)
         if model.get("effective_scales_source"):
             norms = list(model["layers"][0]["effective_scale"])
@@ -165,7 +137,7 @@ def summary_markdown(report: dict) -> str:
                           "(the nominal scale right after conversion; 1 means training undid the scaling):", ""]
             rows = [[layer["block"], layer["lns_scale"]] + [layer["effective_scale"][norm] for norm in norms]
                     for layer in model["layers"]]
-            lines += _table(["block", "nominal"] + norms, rows)
+            lines += table(["block", "nominal"] + norms, rows)
         if model.get("tasks"):
             lines += ["", "lm-eval, whole model and with each block bypassed:", ""]
             metrics = [(task, metric) for task, values in model["tasks"].items() for metric in values if "stderr" not in metric]
@@ -173,7 +145,7 @@ def summary_markdown(report: dict) -> str:
             rows = [["none"] + [model["tasks"][task][metric] for task, metric in metrics]]
             rows += [[str(layer["block"])] + [layer["removal_tasks"].get(task, {}).get(metric) for task, metric in metrics]
                      for layer in model["layers"]]
-            lines += _table(header, rows)
+            lines += table(header, rows)
         if plot:
             lines += ["", f"![angular distance]({plot})"]
 
@@ -183,7 +155,7 @@ def summary_markdown(report: dict) -> str:
         rows = []
         for index in range(depth):
             rows.append([index + 1] + [m["layers"][index]["removal_loss_increase"] if index < m["num_layers"] else None for m in models])
-        lines += _table(["block"] + [m["name"] for m in models], rows)
+        lines += table(["block"] + [m["name"] for m in models], rows)
     lines += ["", f"![output variance]({report['plots']['variance']})", "",
               f"![removal]({report['plots']['removal']})", ""]
     if "effective_scales" in report["plots"]:

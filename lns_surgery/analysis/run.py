@@ -7,41 +7,12 @@ from pathlib import Path
 
 from lns_surgery.analysis import report as report_module
 from lns_surgery.analysis.data import describe_source, token_windows
-from lns_surgery.errors import LNSError, first_line
+from lns_surgery.core.errors import LNSError, first_line
+from lns_surgery.core.lns_status import lns_status
 
 DEFAULT_MAX_TOKENS = 100_000
 DEFAULT_SEQ_LEN = 512
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def model_status(model) -> tuple[str, float | None]:
-    """("lns" | "lns-folded" | "stock", LNS alpha or None) of a model in memory."""
-    from lns_surgery.analysis.measures import unwrap
-
-    config = unwrap(model).config
-    lns = getattr(config, "lns", None)
-    if lns:
-        return "lns", float(lns.get("alpha", 1.0))
-    folded = getattr(config, "lns_folded", None)
-    if folded:
-        return "lns-folded", float(folded.get("alpha", 1.0)) if isinstance(folded, dict) else None
-    return "stock", None
-
-
-def layer_scales(model, num_layers: int) -> list[float]:
-    """The LNS scale each block applies (1.0 for a stock model; for a folded one, the folded-in scale)."""
-    from lns_surgery.analysis.measures import unwrap
-    from lns_surgery.modeling.lns_layers import layer_scale
-
-    config = unwrap(model).config
-    lns = getattr(config, "lns", None)
-    if lns:
-        return [layer_scale(index, float(lns.get("alpha", 1.0))) for index in range(num_layers)]
-    folded = getattr(config, "lns_folded", None)
-    scales = folded.get("scales") if isinstance(folded, dict) else None
-    if isinstance(scales, list) and len(scales) == num_layers:
-        return [float(scale) for scale in scales]
-    return [1.0] * num_layers
 
 
 def resolve_seq_len(seq_len: int | None, config, name: str) -> int:
@@ -123,9 +94,9 @@ def analyze_model(
 
     measured = depth_measures(model, windows, batch_size=batch_size, last_token=last_token, removal=removal,
                               progress=progress, description=name)
-    status, alpha = model_status(model)
+    status = lns_status(base.config)
     count = measured["num_layers"]
-    scales = layer_scales(model, count)
+    scales = status.scales(count)
     effective = effective_scales(model, source)
     whole_tasks, block_tasks = None, [None] * count
     if task_plan is not None:
@@ -153,8 +124,8 @@ def analyze_model(
         layers.append(entry)
     return {
         "name": str(name),
-        "status": status,
-        "lns_alpha": alpha,
+        "status": status.kind,
+        "lns_alpha": status.alpha,
         "model_type": getattr(base.config, "model_type", None),
         "num_layers": count,
         "num_parameters": sum(p.numel() for p in base.parameters()),
@@ -197,7 +168,7 @@ def _load_dtype(dtype: str, device):
 
 def _model_folder(path: str) -> str:
     """A ``builtin:`` name becomes its folder; folders and Hub ids are passed on to from_pretrained."""
-    from lns_surgery.sources import resolve_builtin
+    from lns_surgery.core.sources import resolve_builtin
 
     return str(resolve_builtin(str(path)))
 
@@ -216,7 +187,7 @@ def _checkpoint_config(folder: str) -> dict:
         if not config_path.is_file():
             raise LNSError(f"'{folder}' has no config.json: not a Hugging Face model folder")
     else:
-        from lns_surgery.sources import is_hub_id
+        from lns_surgery.core.sources import is_hub_id
 
         if not is_hub_id(folder):
             raise LNSError(f"no such model folder: '{folder}'")
@@ -232,7 +203,7 @@ def _checkpoint_config(folder: str) -> dict:
 
 def _local_inputs(models, data, tokenizer, tasks, tasks_include) -> list[Path]:
     """Every file or folder on this machine that ``analyze`` reads: the report may not touch any of them."""
-    from lns_surgery.outputs import local_inputs
+    from lns_surgery.core.outputs import local_inputs
 
     candidates = [_model_folder(str(item)) for item in models if isinstance(item, (str, Path))]
     candidates += [data, tokenizer]
@@ -287,7 +258,7 @@ def analyze(
     from lns_surgery import load_model, load_tokenizer
     from lns_surgery.analysis.measures import unwrap
     from lns_surgery.analysis.tasks import parse_tasks, resolve_tasks
-    from lns_surgery.outputs import atomic_output_dir, check_output
+    from lns_surgery.core.outputs import atomic_output_dir, check_output
 
     if isinstance(models, (str, Path)) or hasattr(models, "config"):
         models = [models]

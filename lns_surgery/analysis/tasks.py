@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lns_surgery.errors import LNSError, first_line
+from lns_surgery.core.errors import LNSError, first_line
 
 YAML_SUFFIXES = (".yaml", ".yml")
 

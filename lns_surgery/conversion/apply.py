@@ -8,7 +8,8 @@ import logging
 from torch import nn
 
 from lns_surgery.conversion.registry import Architecture, lookup
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
+from lns_surgery.core.lns_status import lns_status
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def warn_unregistered(arch: Architecture) -> None:
 
 
 def is_lns_model(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "lns", None))
+    return lns_status(getattr(model, "config", None)).kind == "lns"
 
 
 def apply_layernorm_scaling(
@@ -83,10 +84,11 @@ def apply_layernorm_scaling(
     from lns_surgery.modeling.lns_layers import apply_scaling
 
     config = model.config
-    if is_lns_model(model):
-        logger.warning("the model already has LayerNorm Scaling (alpha=%s); left unchanged", config.lns.get("alpha"))
+    status = lns_status(config)
+    if status.kind == "lns":
+        logger.warning("the model already has LayerNorm Scaling (alpha=%s); left unchanged", status.alpha)
         return model
-    if getattr(config, "lns_folded", None):
+    if status.kind == "lns-folded":
         raise LNSError("this model's weights already have LayerNorm Scaling folded in; scaling again would apply it twice")
     if type(model).__name__.startswith("Peft"):
         raise LNSError("apply LayerNorm Scaling before wrapping the model with PEFT")

@@ -10,10 +10,12 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from lns_surgery.conversion import checkpoint, plan_cache
+from lns_surgery.conversion import plan_cache
 from lns_surgery.conversion.apply import warn_unregistered
 from lns_surgery.conversion.registry import lookup, primary_auto_class
-from lns_surgery.errors import LNSError, first_line
+from lns_surgery.core import checkpoint, outputs
+from lns_surgery.core.errors import LNSError, first_line
+from lns_surgery.core.lns_status import LNSStatus, lns_status
 from lns_surgery.modeling import lns_layers
 
 logger = logging.getLogger(__name__)
@@ -129,12 +131,13 @@ def conversion_plan(
 
 
 def _refuse_converted(config_dict: dict) -> None:
-    if config_dict.get("lns"):
+    status = lns_status(config_dict)
+    if status.kind == "lns":
         raise LNSError(
             f"the input is already an LNS checkpoint (model_type {config_dict['model_type']}, "
-            f"alpha {config_dict['lns'].get('alpha')}): converting it again would scale twice"
+            f"alpha {status.alpha}): converting it again would scale twice"
         )
-    if config_dict.get("lns_folded"):
+    if status.kind == "lns-folded":
         raise LNSError("the input already has LayerNorm Scaling folded into its weights: converting it again would scale twice")
 
 
@@ -144,7 +147,7 @@ def norm_tensors(model, lns: dict, tensors: dict) -> list[list[tuple[str, str]]]
     File keys come from transformers' own loading renames, so fold mode rewrites exactly the tensors
     the norms load from; a parameter no file key loads into is refused rather than skipped.
     """
-    from lns_surgery.conversion.tensor_names import file_keys_by_module_key
+    from lns_surgery.core.tensor_names import file_keys_by_module_key
 
     file_keys = file_keys_by_module_key(model, tensors)
     blocks = lns_layers.resolve_layers(model, lns["layers"])
@@ -181,7 +184,19 @@ def _fold_scales_into_weights(out: Path, lns: dict, scales: list[float], tensors
         for parameter_name, key in entries:
             entry = tensors[key]
             folded = fold_tensor(rule, parameter_name, checkpoint.read_tensor(entry), scale)
-            checkpoint.write_tensor_in_place(out / entry.file.name, entry, folded)
+            _write_tensor_in_place(out / entry.file.name, entry, folded)
+
+
+def _write_tensor_in_place(file: Path, entry: checkpoint.TensorEntry, tensor) -> None:
+    """Overwrite one tensor's bytes in ``file`` (a copy laid out like ``entry.file``)."""
+    import torch
+
+    data = tensor.to(checkpoint.torch_dtype(entry)).contiguous().view(torch.uint8).numpy().tobytes()
+    if len(data) != entry.end - entry.start:
+        raise AssertionError("rescaled tensor changed size")
+    with open(file, "r+b") as handle:
+        handle.seek(entry.start)
+        handle.write(data)
 
 
 def _check_foldable(lns: dict, tensors: dict | None) -> None:
@@ -229,9 +244,9 @@ def convert(
     if not 0.0 <= alpha <= 1.0:
         raise LNSError("alpha must be between 0 and 1")
     out = Path(out)
-    checkpoint.check_output(out, overwrite)
+    outputs.check_output(out, overwrite)
     folder, provenance = checkpoint.resolve_source(source, revision)
-    checkpoint.check_output(out, overwrite, source=folder)
+    outputs.check_output(out, overwrite, [folder])
     config_dict = checkpoint.read_config(folder)
     _refuse_converted(config_dict)
     tensors = checkpoint.weight_map(folder)
@@ -245,7 +260,7 @@ def convert(
             raise LNSError(plan.fold_error)
         per_block = plan.fold_tensors
 
-    with checkpoint.atomic_output_dir(out, overwrite) as staging:
+    with outputs.atomic_output_dir(out, overwrite) as staging:
         if mode == "code":
             checkpoint.copy_folder(folder, staging, skip={"config.json"}, link=link)
             new_config = dict(config_dict)
@@ -276,15 +291,16 @@ def _folded_provenance(lns: dict, scales: list[float]) -> dict:
 def fold(source: str | Path, out: str | Path, *, overwrite: bool = False, link: str = "auto") -> Path:
     """Turn an LNS code-mode checkpoint into a stock one whose norm weights carry the scales."""
     out = Path(out)
-    checkpoint.check_output(out, overwrite)
+    outputs.check_output(out, overwrite)
     folder, _ = checkpoint.resolve_source(source)
-    checkpoint.check_output(out, overwrite, source=folder)
+    outputs.check_output(out, overwrite, [folder])
     config_dict = checkpoint.read_config(folder)
-    if config_dict.get("lns_folded"):
+    status = lns_status(config_dict)
+    if status.kind == "lns-folded":
         raise LNSError("the input is already folded")
-    lns = config_dict.get("lns")
-    if not lns:
+    if status.kind != "lns":
         raise LNSError("the input is not an LNS checkpoint; use `convert --mode fold` for a stock model")
+    lns = status.record
     tensors = checkpoint.weight_map(folder)
     lns = {**lns, "fold_rule": lns.get("fold_rule", _LEGACY_FOLD_RULES.get(lns["norm_kind"]))}
     _check_foldable(lns, tensors)
@@ -295,9 +311,9 @@ def fold(source: str | Path, out: str | Path, *, overwrite: bool = False, link: 
         stock_config["auto_map"] = {auto: name for auto, name in _base_auto_map(lns).items()}
     model = build_on_meta(_stock_config_object(lns, stock_config, folder))
     per_block = norm_tensors(model, lns, tensors)
-    scales = [lns_layers.layer_scale(index, lns.get("alpha", 1.0)) for index in range(len(per_block))]
+    scales = status.scales(len(per_block))
     stock_config["lns_folded"] = _folded_provenance(lns, scales)
-    with checkpoint.atomic_output_dir(out, overwrite) as staging:
+    with outputs.atomic_output_dir(out, overwrite) as staging:
         _copy_for_rewrite(folder, staging, tensors, link, skip={"config.json", *lns_layers.CODE_FILES})
         _fold_scales_into_weights(staging, lns, scales, tensors, per_block)
         checkpoint.write_json(staging / "config.json", stock_config)
@@ -327,16 +343,6 @@ def _base_auto_map(lns: dict) -> dict:
     return mapping
 
 
-def _num_layers_from_dict(config_dict: dict) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(config_dict.get(key), int):
-            return config_dict[key]
-    text_config = config_dict.get("text_config")
-    if isinstance(text_config, dict):
-        return _num_layers_from_dict(text_config)
-    raise LNSError("cannot tell how many layers the checkpoint has")
-
-
 def inspect_checkpoint(
     source: str | Path,
     *,
@@ -350,20 +356,19 @@ def inspect_checkpoint(
     folder, _ = checkpoint.resolve_source(source, revision)
     config_dict = checkpoint.read_config(folder)
     report = {"source": str(source), "model_type": config_dict["model_type"]}
-    if config_dict.get("lns"):
-        lns = config_dict["lns"]
-        status, alpha, origin = "lns", lns.get("alpha", 1.0), "checkpoint"
-    elif config_dict.get("lns_folded"):
-        lns = config_dict["lns_folded"]
-        status, alpha, origin = "lns-folded", lns.get("alpha", 1.0), "checkpoint"
-    else:
+    status = lns_status(config_dict)
+    if status.kind == "stock":
         arch = conversion_plan(folder, config_dict, None, trust_remote_code, layers, norms, force=force).arch
-        lns = arch.lns_block(1.0)
-        status, alpha, origin = "stock", 1.0, "detected" if arch.detected else "registry"
-    num_layers = _num_layers_from_dict(config_dict)
+        lns, origin = arch.lns_block(1.0), "detected" if arch.detected else "registry"
+        shown = LNSStatus("lns", lns)  # what `convert` would apply
+    else:
+        lns, origin, shown = status.record, "checkpoint", status
+    num_layers = checkpoint.config_num_layers(config_dict)
+    if num_layers is None:
+        raise LNSError("cannot tell how many layers the checkpoint has")
     report.update(
-        status=status,
-        alpha=alpha,
+        status=status.kind,
+        alpha=shown.alpha,
         architecture_from=origin,
         base_model_type=lns.get("base_model_type", config_dict["model_type"]),
         layers=lns["layers"],
@@ -371,8 +376,8 @@ def inspect_checkpoint(
         norms=list(lns["norms"]),
         norm_kind=lns["norm_kind"],
         fold_rule=lns.get("fold_rule", _LEGACY_FOLD_RULES.get(lns["norm_kind"])),
-        scales=[lns_layers.layer_scale(index, alpha) for index in range(num_layers)],
+        scales=shown.scales(num_layers),
     )
-    if status == "stock":
+    if status.kind == "stock":
         report["note"] = "scales shown are what `convert` would apply"
     return report

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 from lns_surgery.conversion.registry import AUTO_CLASSES, Architecture, classes_for_type
 from lns_surgery.conversion.norm_math import fold_rule
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 from lns_surgery.modeling.lns_layers import exact_kind, resolve_layers
 
 logger = logging.getLogger(__name__)

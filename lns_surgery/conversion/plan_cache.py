@@ -10,7 +10,7 @@ all of them:
 - ``--layers`` / ``--norms`` / ``--force``;
 - the installed torch and transformers versions and the bytes of the family's modelling file (an
   edited or development install of transformers changes the key too);
-- the bytes of this package's conversion and modelling code, registry included.
+- the bytes of this package's conversion, core and modelling code, registry included.
 
 Anything else (a checkpoint with custom code, where the code files would have to be part of the key
 and run anyway) is never cached. Refusals are not cached: they are recomputed. A damaged or
@@ -32,7 +32,8 @@ from pathlib import Path
 from lns_surgery.conversion.registry import Architecture
 
 FORMAT = 1
-_TOOL_SOURCES = ("conversion", "modeling")  # package folders whose code decides a plan
+# Package folders whose code decides a plan (core: which file tensors hold the norms, for fold mode).
+_TOOL_SOURCES = ("conversion", "core", "modeling")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Plan:
 def cache_folder() -> Path | None:
     if os.environ.get("LNS_SURGERY_PLAN_CACHE", "").lower() in ("off", "0", "false", "no"):
         return None
-    from lns_surgery.conversion.builtin import cache_dir
+    from lns_surgery.core.sources import cache_dir
 
     return cache_dir() / "plans"
 

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 from lns_surgery.modeling.lns_layers import NORM_KINDS, canonical_kind
 
 AUTO_CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForSequenceClassification")
@@ -147,6 +147,14 @@ def load_registry() -> dict[str, Architecture]:
 
 def supported_architectures() -> list[Architecture]:
     return [arch for arch in load_registry().values() if not arch.refuse]
+
+
+def register_auto_classes() -> None:
+    """Register the LNS classes of every architecture in the registry (``lns_llama``, ``lns_qwen2``, ...)."""
+    from lns_surgery.modeling.auto import register
+
+    for arch in supported_architectures():
+        register(arch.lns_block())
 
 
 def lookup(model_type: str) -> Architecture | None:

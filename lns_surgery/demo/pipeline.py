@@ -40,9 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lns_surgery import outputs
-from lns_surgery.analysis.report import json_safe
-from lns_surgery.errors import LNSError
+from lns_surgery.core import outputs
+from lns_surgery.core.errors import LNSError
+from lns_surgery.core.lns_status import lns_status
+from lns_surgery.core.markdown import table
+from lns_surgery.core.reports import json_safe
 
 DEFAULT_OUT = "demo-out"
 DEFAULT_BASE = "builtin:demo"
@@ -337,7 +339,7 @@ def _stage_convert(run: _Run) -> Path:
     base_ppl, ppl = run.figures["base"]["heldout_perplexity"], measured["heldout_perplexity"]
     run.figures["convert"] = {
         "checkpoint": "converted",
-        "lns_alpha": model.config.lns["alpha"],
+        "lns_alpha": lns_status(model.config).alpha,
         **measured,
         "perplexity_change": ppl - base_ppl,
         "perplexity_relative_change": _relative_change(ppl, base_ppl),
@@ -385,7 +387,7 @@ def _stage_heal(run: _Run, converted: Path) -> Path:
         "learning_rate": settings.heal_learning_rate,
         "tokens_seen": result.metrics["train"].get("tokens_seen"),
         "train_loss": result.metrics["train"].get("train_loss"),
-        "lns_alpha": result.model.config.lns["alpha"],
+        "lns_alpha": lns_status(result.model.config).alpha,
         **measured,
         "perplexity_change_vs_converted": ppl - converted_ppl,
         "perplexity_relative_change_vs_base": _relative_change(ppl, base_ppl),
@@ -483,7 +485,7 @@ def _stage_export(run: _Run, tuned) -> None:
 
 
 def _base_folder(base: str) -> Path:
-    from lns_surgery.sources import resolve_builtin
+    from lns_surgery.core.sources import resolve_builtin
 
     folder = Path(resolve_builtin(str(base)))
     if not (folder / "config.json").is_file():
@@ -690,30 +692,29 @@ def summary_markdown(summary: dict) -> str:
     lines = ["# lns-surgery demo", "",
              f"Base model `{summary['base_model']}`; {summary['wall_seconds']:.0f} s"
              + (" (quick run)" if summary["quick"] else "") + f"; lns-surgery {summary['tool_version']}.", "",
-             "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+             *table(rows[0], rows[1:])]
     lines += ["", "## What happened", ""] + [f"- {line}" for line in summary["findings"]]
 
     tasks = sorted(task for task in stages["sft"]["exact_match"] if task != "all") + ["all"]
-    lines += ["", "## Exact match per task (instruction evaluation split)", "",
-              "| task | base | converted | healed | after SFT | base, asked in corpus words |",
-              "|---|---|---|---|---|---|"]
+    rows = []
     for task in tasks:
         cells = [stages[s]["exact_match"].get(task) for s in ("base", "convert", "heal", "sft")]
         cells.append(stages["base"].get("cloze_accuracy", {}).get(task))
-        lines.append(f"| {task} | " + " | ".join("" if c is None else f"{c:.0%}" for c in cells) + " |")
+        rows.append([task] + ["" if c is None else f"{c:.0%}" for c in cells])
+    lines += ["", "## Exact match per task (instruction evaluation split)", "",
+              *table(["task", "base", "converted", "healed", "after SFT", "base, asked in corpus words"], rows)]
 
+    rows = []
+    for name, depth in stages["analyze"]["models"].items():
+        removal = depth["deep_half_mean_removal_loss_increase"]
+        rows.append([name, f"{depth['perplexity']:.3f}", f"{depth['last_block_output_variance']:.3g}",
+                     "" if removal is None else f"{removal:+.3f}", f"{depth['deep_half_mean_angular_distance']:.3f}",
+                     str(depth["least_needed_block"])])
     lines += ["", "## Depth diagnostics (analysis/)", "",
               f"Measured on {stages['analyze']['tokens_per_model']} held-out tokens per model (its own windows, so "
               "the perplexity differs a little from the table above).", "",
-              "| model | perplexity | last-block output variance | deep-half removal cost (nats) | "
-              "deep-half angular distance | least needed block |", "|---|---|---|---|---|---|"]
-    for name, depth in stages["analyze"]["models"].items():
-        removal = depth["deep_half_mean_removal_loss_increase"]
-        lines.append(f"| {name} | {depth['perplexity']:.3f} | {depth['last_block_output_variance']:.3g} | "
-                     f"{'' if removal is None else f'{removal:+.3f}'} | "
-                     f"{depth['deep_half_mean_angular_distance']:.3f} | "
-                     f"{depth['least_needed_block']} |")
+              *table(["model", "perplexity", "last-block output variance", "deep-half removal cost (nats)",
+                      "deep-half angular distance", "least needed block"], rows)]
     lines += [""] + [f"![{Path(plot).stem}]({plot})" for plot in stages["analyze"]["plots"]]
 
     lines += ["", "## Artefacts", ""]

@@ -71,11 +71,3 @@ def register(lns: dict) -> dict | None:
         if auto_name != "config":
             getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
     return classes
-
-
-def register_auto_classes() -> None:
-    """Register the LNS classes of every architecture in the registry (``lns_llama``, ``lns_qwen2``, ...)."""
-    from lns_surgery.conversion.registry import supported_architectures
-
-    for arch in supported_architectures():
-        register(arch.lns_block())

@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from lns_surgery.errors import LNSError
+from lns_surgery.core.checkpoint import check_readable_file, link_roots
+from lns_surgery.core.errors import LNSError
+from lns_surgery.core.outputs import scratch_dir
 
 # (pattern on a path component, why it stays out). Folder rules exclude everything below them.
 EXCLUDED_FOLDERS = (
@@ -93,8 +93,6 @@ def select_files(folder: str | os.PathLike) -> Selection:
     Raises LNSError for a file that would go up but is not a regular file, or is a symbolic link out
     of the folder (a file or folder outside would be published with it).
     """
-    from lns_surgery.conversion.checkpoint import check_readable_file, link_roots
-
     folder = Path(folder)
     roots = link_roots(folder)
     included, excluded = [], []
@@ -127,11 +125,13 @@ def staged_view(selection: Selection, replacements: dict[str, str] | None = None
     """A temporary folder holding exactly the selected files (symbolic links to the originals), with
     ``replacements`` (path -> text, e.g. the rendered README.md) written as real files.
 
-    Loading and uploading from this view proves that what goes up is what was checked.
+    Loading and uploading from this view proves that what goes up is what was checked. It lives in a
+    scratch folder of its own, which the next push removes should this process be killed.
     """
     replacements = dict(replacements or {})
-    view = Path(tempfile.mkdtemp(prefix="lns-publish-"))
-    try:
+    with scratch_dir("publish") as scratch:
+        view = scratch / "view"  # beside the scratch folder's marker, which must not go up
+        view.mkdir()
         for item in selection.files:
             if item.path in replacements:
                 continue
@@ -143,8 +143,6 @@ def staged_view(selection: Selection, replacements: dict[str, str] | None = None
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding="utf-8")
         yield view
-    finally:
-        shutil.rmtree(view, ignore_errors=True)
 
 
 def view_selection(view: Path, selection: Selection, replacements: dict[str, str]) -> Selection:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lns_surgery.errors import LNSError, first_line
+from lns_surgery.core.errors import LNSError, first_line
 from lns_surgery.publish.card import RenderedCard, render_model_card
 from lns_surgery.publish.files import Selection, human_size, select_files, staged_view, view_selection
 from lns_surgery.publish.validate import LOAD_CHECK_TIMEOUT_S, Validation, check_checkpoint, load_check

@@ -22,12 +22,13 @@ import signal
 import site
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lns_surgery.conversion import checkpoint
-from lns_surgery.errors import LNSError
+from lns_surgery.core import checkpoint
+from lns_surgery.core.errors import LNSError
+from lns_surgery.core.lns_status import LNSStatus, lns_status
+from lns_surgery.core.outputs import scratch_dir
 
 LOAD_CHECK_TIMEOUT_S = 600
 _RESULT_MARKER = "LNS-PUBLISH-RESULT "
@@ -44,14 +45,22 @@ class CheckpointInfo:
     config: dict
     lns: dict  # the config's ``lns`` or ``lns_folded`` block
     num_layers: int
-    scales: tuple[float, ...]
     code_files: tuple[str, ...]
     weight_files: tuple[str, ...]
     num_tensors: int | None  # None for PyTorch .bin checkpoints (their headers cannot be read safely)
 
     @property
+    def status(self) -> LNSStatus:
+        return LNSStatus(self.kind, self.lns)
+
+    @property
     def alpha(self) -> float:
-        return float(self.lns.get("alpha", 1.0))
+        return self.status.alpha
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """The scale of every block, as the checkpoint computes it."""
+        return tuple(self.status.scales(self.num_layers))
 
     @property
     def base_model_type(self) -> str:
@@ -107,14 +116,6 @@ def _refuse(folder: Path, reason: str) -> LNSError:
 # --- 1. the folder ------------------------------------------------------------------------------
 
 
-def _num_layers(config: dict) -> int | None:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    text_config = config.get("text_config")
-    return _num_layers(text_config) if isinstance(text_config, dict) else None
-
-
 def _auto_map_modules(folder: Path, auto_map: dict) -> list[str]:
     """The module files named by ``auto_map`` (values are "module.Class", or lists of them for tokenizers)."""
     modules = []
@@ -161,8 +162,9 @@ def check_checkpoint(folder: str | os.PathLike) -> CheckpointInfo:
     except LNSError as exc:
         raise _refuse(folder, str(exc)) from None
 
-    if isinstance(config.get("lns"), dict):
-        kind, lns = "lns", config["lns"]
+    status = lns_status(config)
+    kind, lns = status.kind, status.record
+    if kind == "lns":
         auto_map = config.get("auto_map")
         if not isinstance(auto_map, dict) or "AutoModelForCausalLM" not in auto_map or "AutoConfig" not in auto_map:
             raise _refuse(folder, "config.json has an `lns` block but no auto_map for AutoConfig and "
@@ -171,18 +173,16 @@ def check_checkpoint(folder: str | os.PathLike) -> CheckpointInfo:
             raise _refuse(folder, f"config.json reuses the stock model_type '{config['model_type']}': without "
                                   "trust_remote_code transformers would silently load the stock class")
         code_files = _custom_code_files(folder, auto_map)
-    elif isinstance(config.get("lns_folded"), dict):
-        kind, lns = "lns-folded", config["lns_folded"]
+    elif kind == "lns-folded":
         auto_map = config.get("auto_map")
         code_files = _custom_code_files(folder, auto_map) if isinstance(auto_map, dict) else []
     else:
         raise _refuse(folder, "config.json has no `lns` or `lns_folded` block: it is not an LNS checkpoint "
                               "(convert it first: lns-surgery convert)")
 
-    num_layers = _num_layers(config)
+    num_layers = checkpoint.config_num_layers(config)
     if not num_layers or num_layers < 1:
         raise _refuse(folder, "config.json does not say how many layers the model has")
-    scales = _scales(lns, num_layers)
 
     try:
         tensors = checkpoint.weight_map(folder)
@@ -196,17 +196,7 @@ def check_checkpoint(folder: str | os.PathLike) -> CheckpointInfo:
         num_tensors = len(tensors)
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise _refuse(folder, "it has no tokenizer (tokenizer.json / tokenizer_config.json): save it beside the model")
-    return CheckpointInfo(folder, kind, config, lns, num_layers, tuple(scales), tuple(code_files),
-                          tuple(weight_files), num_tensors)
-
-
-def _scales(lns: dict, num_layers: int) -> list[float]:
-    recorded = lns.get("scales")
-    if isinstance(recorded, list) and len(recorded) == num_layers:
-        return [float(scale) for scale in recorded]
-    from lns_surgery.modeling.lns_layers import layer_scale
-
-    return [layer_scale(index, float(lns.get("alpha", 1.0))) for index in range(num_layers)]
+    return CheckpointInfo(folder, kind, config, lns, num_layers, tuple(code_files), tuple(weight_files), num_tensors)
 
 
 # --- 2. a stranger's load -----------------------------------------------------------------------
@@ -221,6 +211,7 @@ def finish(**result):
     print(MARKER + json.dumps(result), flush=True)
     sys.exit(0)
 
+# lns_surgery's own first_line cannot be imported here; this one also names the exception's type.
 def first_line(exc):
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
@@ -310,8 +301,7 @@ def load_check(folder: str | os.PathLike, kind: str, timeout: float = LOAD_CHECK
     scrubbed environment, stopped with everything it started after ``timeout`` seconds.
     """
     folder = Path(folder).resolve()
-    with tempfile.TemporaryDirectory(prefix="lns-load-check-") as scratch:
-        scratch = Path(scratch)
+    with scratch_dir("load-check") as scratch:
         process = subprocess.Popen(
             [sys.executable, "-c", _LOAD_SCRIPT, _RESULT_MARKER, str(folder), kind],
             cwd=scratch,  # not the project folder, so nothing of lns_surgery is importable by accident

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from lns_surgery.core.lns_status import lns_status
+
 
 def unwrap(model):
     """The model that holds ``config.lns``, through DDP/FSDP-style wrappers (PEFT is handled by set_lns_alpha)."""
@@ -36,7 +38,7 @@ class LNSRampCallback(TrainerCallback):
         self.ramp_steps = int(ramp_steps)
 
     def _apply(self, model, step: int) -> None:
-        from lns_surgery.conversion.apply import set_lns_alpha
+        from lns_surgery.conversion import set_lns_alpha
 
         set_lns_alpha(unwrap(model), ramp_alpha(step, self.ramp_steps))
 
@@ -48,11 +50,12 @@ class LNSRampCallback(TrainerCallback):
 
 
 def current_alpha(model) -> float | None:
+    """The LNS strength the model trains with, or None without LNS (a folded model has nothing to ramp)."""
     model = unwrap(model)
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
-    lns = getattr(getattr(model, "config", None), "lns", None)
-    return float(lns.get("alpha", 1.0)) if lns else None
+    status = lns_status(getattr(model, "config", None))
+    return status.alpha if status.kind == "lns" else None
 
 
 def final_metrics(state, train_output=None, eval_metrics: dict | None = None) -> dict:

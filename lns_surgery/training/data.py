@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from lns_surgery.errors import LNSError, first_line
+from lns_surgery.core.errors import LNSError, first_line
 
 logger = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from lns_surgery.core.lns_status import lns_status
 from lns_surgery.training.callbacks import unwrap
 
 
@@ -78,7 +79,7 @@ class SourceTeacher:
         frozen = copy.deepcopy(model)
         frozen.requires_grad_(False)
         frozen.eval()
-        if getattr(getattr(frozen, "config", None), "lns", None):
+        if lns_status(getattr(frozen, "config", None)).kind == "lns":
             frozen.set_lns_alpha(0.0)
         return cls(frozen)
 

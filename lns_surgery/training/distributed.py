@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 
 
 def _env_flag(name: str) -> bool:

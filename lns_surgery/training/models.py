@@ -8,9 +8,9 @@ import logging
 import os
 from pathlib import Path
 
-from lns_surgery import outputs
-from lns_surgery.errors import LNSError, first_line
-from lns_surgery.sources import resolve_builtin
+from lns_surgery.core import outputs
+from lns_surgery.core.errors import LNSError, first_line
+from lns_surgery.core.sources import resolve_builtin
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def build_scratch_model(config, lns: bool = True, seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lns_surgery.conversion.apply import apply_layernorm_scaling
+    from lns_surgery.conversion import apply_layernorm_scaling
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -95,7 +95,7 @@ def init_model(
 ) -> Path:
     """Write a from-scratch model to ``out``: an LNS custom-code checkpoint, or the Pre-LN baseline with
     ``lns=False``. ``config`` (a dict or a JSON file) overrides the preset's fields or replaces the preset."""
-    from lns_surgery.loading import load_tokenizer
+    from lns_surgery import load_tokenizer
 
     if preset is None and config is None:
         raise LNSError(f"give a preset ({', '.join(PRESETS)}) or a config JSON")
@@ -137,8 +137,8 @@ def _quantization(model_config):
 
 def load_model(args, training, model_config, tokenizer=None):
     """The model a recipe trains, with LayerNorm Scaling in place where the recipe asks for it."""
-    from lns_surgery.conversion.apply import apply_layernorm_scaling, is_lns_model
-    from lns_surgery.loading import load_model as load_checkpoint
+    from lns_surgery import load_model as load_checkpoint
+    from lns_surgery.conversion import apply_layernorm_scaling, is_lns_model
 
     if args.init_preset is not None:
         if tokenizer is None:
@@ -173,7 +173,7 @@ def load_model(args, training, model_config, tokenizer=None):
 
 
 def load_tokenizer(args, model_config):
-    from lns_surgery.loading import load_tokenizer as load
+    from lns_surgery import load_tokenizer as load
 
     source = args.tokenizer_name_or_path or model_config.model_name_or_path
     if source is None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lns_surgery.errors import LNSError, first_line
+from lns_surgery.core.errors import LNSError, first_line
 
 COMMANDS = ("pretrain", "sft")
 FORMATS = ("auto", "text", "alpaca", "messages", "prompt_completion")

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
+from lns_surgery.core.lns_status import lns_status
 from lns_surgery.training.recipe import Recipe, recipe_from_dict  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -49,14 +50,14 @@ def _last_checkpoint(folder: Path) -> str | None:
 
 def _plan_output(args, training, state, model_config=None) -> tuple[Path, Path, str | None]:
     """(final dir, working dir, checkpoint to resume from), refusing to clobber anything by accident."""
-    from lns_surgery import outputs
+    from lns_surgery.core import outputs
 
     if not training.output_dir:
         raise LNSError("the recipe needs output_dir")
     final = Path(training.output_dir)
     work = incomplete_dir(final)
     resume_from = None
-    # The run reads these; its output folders may not touch them (lns_surgery.outputs has the rule).
+    # The run reads these; its output folders may not touch them (lns_surgery.core.outputs has the rule).
     inputs = [getattr(model_config, "model_name_or_path", None), args.dataset_name, args.tokenizer_name_or_path,
               args.chat_template]
     outputs.check_output(final, args.overwrite, inputs, flag="output_dir")
@@ -144,7 +145,7 @@ def build_trainer(recipe: Recipe, callbacks=None):
         raise LNSError("a streamed dataset has no length: set max_steps")
 
     model = models.load_model(args, training, model_config, tokenizer=tokenizer)
-    if training.use_liger_kernel and getattr(model.config, "lns", None):
+    if training.use_liger_kernel and lns_status(model.config).kind == "lns":
         # Liger patches by model_type and has none for lns_*: it would silently leave the model as it is
         logger.warning("use_liger_kernel: Liger has no kernels for %s models; training without them",
                        model.config.model_type)
@@ -275,8 +276,8 @@ def _give_adapter_an_lns_base(trainer, adapter_dir: Path, work: Path, final: Pat
     """
     import json
 
-    from lns_surgery.conversion.checkpoint import read_config, resolve_source
-    from lns_surgery.conversion.convert import convert
+    from lns_surgery import convert
+    from lns_surgery.core.checkpoint import read_config, resolve_source, write_json
     from lns_surgery.training.callbacks import current_alpha
 
     config_path = adapter_dir / "adapter_config.json"
@@ -286,18 +287,18 @@ def _give_adapter_an_lns_base(trainer, adapter_dir: Path, work: Path, final: Pat
     if not base or alpha is None:
         return
     folder, _ = resolve_source(base)  # a Hub base is in the local cache: the run loaded it
-    if read_config(folder).get("lns"):
+    if lns_status(read_config(folder)).kind == "lns":
         return  # trained on an LNS checkpoint: the base already is one
     convert(folder, work / "base", alpha=alpha)
     adapter_config["base_model_name_or_path"] = str((final / "base").resolve())
-    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(config_path, adapter_config)
 
 
 def _save_outputs(trainer, recipe: Recipe, work: Path, final: Path, info: dict, metrics: dict, state):
     """Write the final model (and adapter), metrics.json and recipe.yaml into ``work``, then rename it."""
     import yaml
 
-    from lns_surgery import outputs
+    from lns_surgery.core import outputs
     from lns_surgery.training.callbacks import write_metrics
 
     args = recipe.args
@@ -374,7 +375,7 @@ def train(recipe: Recipe | Any, training=None, model_config=None, *, command: st
     except BaseException:
         # A run that failed before its first checkpoint leaves nothing to resume: no empty working folder.
         if not existed and state.is_main_process and work.is_dir() and not any(work.glob("checkpoint-*")):
-            from lns_surgery import outputs
+            from lns_surgery.core import outputs
 
             outputs.remove_output(work)
         raise

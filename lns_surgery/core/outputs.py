@@ -12,6 +12,9 @@ The rule, checked before anything slow runs:
   (``flock``) by the process writing it. The kernel releases the lock however the process ends,
   SIGKILL included, so the next run beside the same ``--out`` can tell a dead writer's leftovers
   from a live one's and removes the former, saying so in one line.
+
+Scratch folders in the system temp dir (``push`` stages its upload and runs its load check there) get
+the same locked marker, so the next scratch folder removes those that killed runs left behind.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +177,8 @@ def _claim(folder: Path):
 
 
 def _pid_in_name(name: str) -> int | None:
-    tail = name.rsplit(".", 1)[-1]  # "lns-tmp-1234-ab12cd34"
-    parts = tail.split("-")
-    return int(parts[2]) if len(parts) >= 3 and parts[2].isdigit() else None
+    parts = name.rsplit("-", 2)  # ".out.lns-tmp-1234-ab12cd34", "lns-publish-1234-ab12cd34"
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 
 
 def _process_alive(pid: int | None) -> bool:
@@ -191,7 +195,7 @@ def _process_alive(pid: int | None) -> bool:
 
 def _writer_gone(folder: Path, locked_marker: bool) -> bool:
     """Whether the process that left ``folder`` has ended. ``locked_marker``: the folder is an output
-    being written, whose writer holds a lock on its marker for as long as it lives."""
+    being written or a scratch folder, whose writer holds a lock on its marker for as long as it lives."""
     marker = folder / MARKER_NAME
     if locked_marker and marker.is_file():
         try:
@@ -262,4 +266,62 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: Iterable = (), *, re
         raise
     finally:
         if claim is not None:
+            claim.close()
+
+
+# --- scratch folders ------------------------------------------------------------------------------
+
+# "lns-<purpose>-<pid>-<8 hex digits>", as scratch_dir names them
+_SCRATCH_NAME = re.compile(r"^lns-[a-z][a-z-]*-\d+-[0-9a-f]{8}$")
+
+
+def remove_stale_scratch(root: Path | None = None) -> list[Path]:
+    """Remove the scratch folders that stopped runs of this user left in ``root`` (default: the system
+    temp dir); says so in one line. Only folders named and marked by ``scratch_dir`` are considered."""
+    root = Path(root or tempfile.gettempdir())
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        if not _SCRATCH_NAME.match(entry.name) or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:  # the temp dir is shared: another user's folders are theirs to clean
+            if entry.stat().st_uid != os.getuid() or not (entry / MARKER_NAME).is_file():
+                continue
+        except OSError:
+            continue
+        if _writer_gone(entry, locked_marker=True):
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(entry)
+    if removed:
+        logger.warning("removed %d scratch folder(s) that stopped runs left in '%s': %s",
+                       len(removed), root, ", ".join(path.name for path in removed))
+    return removed
+
+
+@contextlib.contextmanager
+def scratch_dir(purpose: str):
+    """Yield a private folder ``lns-<purpose>-PID-XXXXXXXX`` in the system temp dir, removed when the
+    block ends, however it ends.
+
+    A SIGKILL cannot remove it, so it carries the output marker, locked while this process lives, and
+    every new scratch folder first removes those whose process is gone (``remove_stale_scratch``).
+    A folder that is handed on whole (an upload) belongs in a sub-folder, without the marker.
+    """
+    root = Path(tempfile.gettempdir())
+    folder = root / f"lns-{purpose}-{os.getpid()}-{secrets.token_hex(4)}"
+    if not _SCRATCH_NAME.match(folder.name):  # a name the sweep would not recognise would stay forever
+        raise ValueError(f"scratch purpose {purpose!r} must be lower-case words joined by '-'")
+    remove_stale_scratch(root)
+    folder.mkdir(mode=0o700)
+    claim = None
+    try:
+        claim = _claim(folder)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if claim is not None:  # released last, so a sweep never sees a live folder unlocked
             claim.close()

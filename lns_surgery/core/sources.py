@@ -1,7 +1,11 @@
-"""Built-in models, named ``builtin:NAME`` wherever a model path is accepted: they need no network.
+"""What a model or data name points at: a ``builtin:`` model, a local path, or a Hugging Face Hub id.
 
-``tiny-llama`` is built on first use from a fixed seed (random weights, for plumbing checks);
-``demo`` is the small pretrained Llama that ships with the package (see scripts/train_demo_base.py).
+Every stage resolves names through here, so that ``builtin:demo``, ``./my-model`` and
+``Qwen/Qwen2.5-0.5B`` mean the same thing to ``convert``, ``analyze``, the trainer and ``push``.
+
+Built-in models need no network: ``demo`` is the small pretrained Llama that ships with the package
+(see scripts/train_demo_base.py); ``tiny-llama`` is built into the cache folder on first use from a
+fixed seed (random weights, for plumbing checks).
 """
 
 from __future__ import annotations
@@ -10,12 +14,13 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from lns_surgery.errors import LNSError
+from lns_surgery.core.errors import LNSError
 
-PREFIX = "builtin:"
+BUILTIN_PREFIX = "builtin:"
 
 
 def cache_dir() -> Path:
+    """The package's cache folder: ``$LNS_SURGERY_CACHE``, else ``lns_surgery`` in the user's cache."""
     root = os.environ.get("LNS_SURGERY_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "lns_surgery")
     return Path(root)
 
@@ -31,7 +36,7 @@ def _tiny_llama(folder: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(folder)
 
 
-def _demo(folder: Path) -> Path:
+def _demo() -> Path:
     shipped = resources.files("lns_surgery.demo").joinpath("base_model")
     if not shipped.joinpath("config.json").is_file():
         raise LNSError("this installation does not include the demo base model")
@@ -41,7 +46,7 @@ def _demo(folder: Path) -> Path:
 def builtin_path(name: str) -> Path:
     """The folder of built-in model ``name`` (built into the cache on first use)."""
     if name == "demo":
-        return _demo(cache_dir())
+        return _demo()
     builders = {"tiny-llama": _tiny_llama}
     if name not in builders:
         raise LNSError(f"unknown built-in model '{name}'; available: demo, {', '.join(builders)}")
@@ -57,3 +62,26 @@ def builtin_path(name: str) -> Path:
 
             shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def resolve_builtin(name: str | os.PathLike):
+    """``builtin:NAME`` becomes the built-in model's folder (a str); anything else is returned as it is."""
+    if isinstance(name, str) and name.startswith(BUILTIN_PREFIX):
+        return str(builtin_path(name[len(BUILTIN_PREFIX):]))
+    return name
+
+
+def is_hub_id(name: str | os.PathLike) -> bool:
+    """Whether ``name`` can only mean a Hub repository: a valid ``name`` or ``namespace/name`` (as
+    huggingface_hub validates it) that is not a path on this machine and does not look like one."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    text = str(name)
+    if not text.strip() or text.startswith((".", "/", "~")) or Path(text).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True

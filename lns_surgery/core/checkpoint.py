@@ -1,8 +1,8 @@
-"""Checkpoint folders on disk: finding them, checking them, and writing new ones safely.
+"""Checkpoint folders on disk: finding them, reading their config and weights, and copying them.
 
-Nothing here loads a model. Weight files are checked from their safetensors headers, copied with
-the filesystem's fastest safe route, and patched tensor by tensor, so converting a 100 GB model needs
-no more memory than converting a 100 MB one.
+Nothing here loads a model. Weight files are checked from their safetensors headers and tensors are
+read one at a time, so reading a 100 GB checkpoint needs no more memory than a 100 MB one; files are
+copied with the filesystem's fastest safe route, and only regular files inside the folder are read.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from lns_surgery import outputs
-from lns_surgery.errors import LNSError, first_line
+from lns_surgery.core import outputs
+from lns_surgery.core.errors import LNSError, first_line
+from lns_surgery.core.lns_status import lns_record_problem
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -30,7 +31,7 @@ _FICLONE = 0x40049409  # ioctl number of Linux's copy-on-write clone (btrfs, XFS
 
 def resolve_source(source: str | os.PathLike, revision: str | None = None) -> tuple[Path, dict]:
     """A local folder for ``source`` (a folder, or a Hub id fetched with huggingface_hub) and its provenance."""
-    from lns_surgery.sources import BUILTIN_PREFIX, is_hub_id, resolve_builtin
+    from lns_surgery.core.sources import BUILTIN_PREFIX, is_hub_id, resolve_builtin
 
     if str(source).startswith(BUILTIN_PREFIX):
         return Path(resolve_builtin(str(source))), {"model": str(source), "revision": None}
@@ -54,6 +55,9 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> tu
     return Path(folder), {"model": text, "revision": revision or "main"}
 
 
+# --- the config ---------------------------------------------------------------------------------
+
+
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
@@ -70,38 +74,17 @@ def read_config(folder: Path) -> dict:
     return config
 
 
-def lns_record_problem(config: dict) -> str | None:
-    """What is wrong with a config's ``lns`` / ``lns_folded`` record (hand-edited, or from another tool),
-    or None. A wrong type or an alpha outside [0, 1] would otherwise fail deep inside, or scale silently
-    wrong (alpha 3 gives negative scales)."""
-    def number(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    for key in ("lns", "lns_folded"):
-        if key not in config:
-            continue
-        record = config[key]
-        if not isinstance(record, dict):
-            return f"'{key}' must be an object, not {type(record).__name__} {record!r}"
-        if not isinstance(record.get("layers"), str) or not record["layers"]:
-            return f"'{key}.layers' must name the decoder blocks (a module path such as 'model.layers')"
-        norms = record.get("norms")
-        if not isinstance(norms, list) or not norms or not all(isinstance(n, str) and n for n in norms):
-            return f"'{key}.norms' must be a non-empty list of norm names"
-        alpha = record.get("alpha", 1.0)
-        if not number(alpha) or not 0.0 <= alpha <= 1.0:
-            return f"'{key}.alpha' must be a number from 0 to 1, got {alpha!r}"
-        if key == "lns" and not isinstance(record.get("base_model_type"), str):
-            return "'lns.base_model_type' must name the base model type"
-        if key == "lns" and not isinstance(record.get("base_classes"), dict):
-            return "'lns.base_classes' must map Auto classes to the base model's classes"
-        scales = record.get("scales")
-        if scales is not None and not (isinstance(scales, list) and all(number(v) for v in scales)):
-            return f"'{key}.scales' must be a list of numbers"
-    return None
+def config_num_layers(config: dict) -> int | None:
+    """How many decoder blocks a config says the model has (a multimodal config: its text model's)."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    text_config = config.get("text_config")
+    return config_num_layers(text_config) if isinstance(text_config, dict) else None
 
 
 def write_json(path: Path, document: dict) -> None:
+    """``document`` as a checkpoint's JSON files are written: indented, keys sorted, a final newline."""
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(document, handle, indent=2, sort_keys=True)
         handle.write("\n")
@@ -210,27 +193,23 @@ def weight_map(folder: Path) -> dict[str, TensorEntry] | None:
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
-def read_tensor(entry: TensorEntry):
+def torch_dtype(entry: TensorEntry):
+    """The torch dtype of a floating-point tensor; LNSError for any other (it cannot be rescaled)."""
     import torch
 
     if entry.dtype not in _DTYPES:
         raise LNSError(f"cannot rescale a {entry.dtype} tensor in '{entry.file.name}'")
+    return getattr(torch, _DTYPES[entry.dtype])
+
+
+def read_tensor(entry: TensorEntry):
+    import torch
+
+    dtype = torch_dtype(entry)
     with open(entry.file, "rb") as handle:
         handle.seek(entry.start)
         raw = bytearray(handle.read(entry.end - entry.start))
-    return torch.frombuffer(raw, dtype=getattr(torch, _DTYPES[entry.dtype])).reshape(entry.shape).clone()
-
-
-def write_tensor_in_place(file: Path, entry: TensorEntry, tensor) -> None:
-    """Overwrite one tensor's bytes in ``file`` (a copy laid out like ``entry.file``)."""
-    import torch
-
-    data = tensor.to(getattr(torch, _DTYPES[entry.dtype])).contiguous().view(torch.uint8).numpy().tobytes()
-    if len(data) != entry.end - entry.start:
-        raise AssertionError("rescaled tensor changed size")
-    with open(file, "r+b") as handle:
-        handle.seek(entry.start)
-        handle.write(data)
+    return torch.frombuffer(raw, dtype=dtype).reshape(entry.shape).clone()
 
 
 # --- copying ------------------------------------------------------------------------------------
@@ -356,14 +335,3 @@ def copy_folder(source: Path, target: Path, skip: set[str] = frozenset(), link: 
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
         copy_file((source / relative).resolve(), destination, link)
-
-
-# --- writing the output -------------------------------------------------------------------------
-
-# One rule for every command that writes: lns_surgery.outputs. These names are kept for the callers here.
-atomic_output_dir = outputs.atomic_output_dir
-
-
-def check_output(out: Path, overwrite: bool, source: Path | None = None) -> None:
-    """lns_surgery.outputs.check_output with the checkpoint being read as the input."""
-    outputs.check_output(out, overwrite, inputs=[source] if source is not None else ())
