@@ -273,3 +273,28 @@ def test_token_resolution_order_and_scrubbing(tmp_path, monkeypatch):
 
     error = _hub_error(RuntimeError(f"server said: bad header 'Bearer {TOKEN}'\nmore"), "uploading", "http://x", TOKEN)
     assert TOKEN not in str(error) and "hf_***" in str(error) and "\n" not in str(error)
+
+
+def test_a_killed_push_leaves_its_temporary_card_to_the_next_one(tmp_path):
+    """SIGKILL between writing the card and renaming it leaves a hidden file in the user's folder; the next
+    push removes it, and only it: not one a live push is writing, not a file of the user's."""
+    import subprocess
+    import sys
+
+    from lns_surgery.publish.upload import _write_card
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        stale = tmp_path / f".README.md.lns-tmp-{dead.pid}"
+        running = tmp_path / f".README.md.lns-tmp-{live.pid}"
+        users = tmp_path / ".README.md.lns-tmp-notes"
+        for path in (stale, running, users):
+            path.write_text("half a card")
+        _write_card(tmp_path, "the card")
+        assert (tmp_path / "README.md").read_text() == "the card"
+        assert not stale.exists() and running.exists() and users.exists()
+    finally:
+        live.kill()
+        live.wait()

@@ -181,7 +181,8 @@ def _pid_in_name(name: str) -> int | None:
     return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 
 
-def _process_alive(pid: int | None) -> bool:
+def process_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` still runs (True when it cannot be told)."""
     if pid is None:
         return True  # cannot tell: leave it
     try:
@@ -209,7 +210,7 @@ def _writer_gone(folder: Path, locked_marker: bool) -> bool:
                 return False
     # No lock to ask (killed right after creating the folder, a filesystem without locks, or a
     # discarded previous output): ask whether the process named in the folder's name still runs.
-    return not _process_alive(_pid_in_name(folder.name))
+    return not process_alive(_pid_in_name(folder.name))
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:

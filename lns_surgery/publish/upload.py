@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lns_surgery.core.errors import LNSError, first_line
+from lns_surgery.core.outputs import process_alive
 from lns_surgery.publish.card import RenderedCard, render_model_card
 from lns_surgery.publish.files import Selection, human_size, select_files, staged_view, view_selection
 from lns_surgery.publish.validate import LOAD_CHECK_TIMEOUT_S, Validation, check_checkpoint, load_check
@@ -154,10 +155,18 @@ def _default_message(validation: Validation) -> str:
     return f"Upload {name or info.base_model_type} with {kind} (lns-surgery)"
 
 
+_CARD_TEMPORARY = f".{CARD_NAME}.lns-tmp-"  # + the writing process's id
+
+
 def _write_card(folder: Path, text: str) -> None:
-    """Replace README.md in the user's folder atomically (a crash never leaves half a card)."""
+    """Replace README.md in the user's folder atomically (a crash never leaves half a card). The
+    temporary card of a push killed at this point is this tool's own file: the next push removes it."""
+    for leftover in folder.iterdir():
+        pid = leftover.name[len(_CARD_TEMPORARY):] if leftover.name.startswith(_CARD_TEMPORARY) else ""
+        if pid.isdigit() and not process_alive(int(pid)) and leftover.is_file() and not leftover.is_symlink():
+            leftover.unlink(missing_ok=True)
     target = folder / CARD_NAME
-    temporary = folder / f".{CARD_NAME}.lns-tmp-{os.getpid()}"
+    temporary = folder / f"{_CARD_TEMPORARY}{os.getpid()}"
     temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, target)
 
