@@ -183,20 +183,6 @@ def build_tiny_llama(folder: Path, tokenizer_source: Path) -> None:
     AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(folder)
 
 
-def dequantise_smollm2(folder: Path, gguf_folder: Path) -> None:
-    """SmolLM2-135M-Instruct as an fp32 safetensors folder, from the Q4_1 GGUF (see its SOURCE.txt)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=gguf_file, dtype="float32")
-    model.hf_quantizer = None  # the weights are plain floats once loaded
-    model.is_quantized = False
-    del model.config.quantization_config  # other runtimes reject a gguf quantization_config
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
 def prepare_checkpoints(name: str, root: Path, shared: Path) -> dict:
     """The original, code-mode and folded checkpoints of one model (conversions redone every run)."""
     import lns_surgery
@@ -213,7 +199,9 @@ def prepare_checkpoints(name: str, root: Path, shared: Path) -> dict:
             if name == "tiny-llama-hd32":
                 build_tiny_llama(partial, stories)
             else:
-                dequantise_smollm2(partial, shared / "models" / "smollm2-135m-instruct-gguf")
+                from prepare_smollm2 import SMOLLM2_GGUF, prepare_smollm2  # scripts/ is on sys.path
+
+                prepare_smollm2(partial, shared / "models" / SMOLLM2_GGUF.parent.name / SMOLLM2_GGUF.name, quiet=True)
             partial.rename(original)
     converted = {"original": Path(original)}
     for mode in ("code", "fold"):

@@ -89,9 +89,6 @@ from pathlib import Path
 from lns_surgery.analysis.plots import log_axis
 from lns_surgery.core.reports import json_safe
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LNS_SHARED_DIR", REPO_ROOT.parent / "shared"))
-SMOLLM2_GGUF = SHARED / "models" / "smollm2-135m-instruct-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Each arm: what it is, and the recipe keys that set it apart (everything else is shared).
 ARMS = {
@@ -838,45 +835,6 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-# --- SmolLM2 from the shared GGUF file ------------------------------------------------------------
-
-
-def prepare_smollm2(folder: Path, gguf: Path = SMOLLM2_GGUF) -> Path:
-    """SmolLM2-135M-Instruct as an ordinary fp32 safetensors folder, written once into ``folder``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lns_surgery.core.errors import LNSError
-
-    folder = folder.expanduser()
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        print(f"SmolLM2-135M already prepared in {folder}", flush=True)
-        return folder
-    if not gguf.is_file():
-        raise LNSError(f"the SmolLM2 GGUF file is not at '{gguf}' (set LNS_SHARED_DIR to the shared folder)")
-    if folder.exists() and any(folder.iterdir()):
-        raise LNSError(f"'{folder}' exists and is not a prepared SmolLM2 folder; give an empty or new folder")
-    started = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # Dequantised to plain floats on load: drop the GGUF quantizer marks, which save_pretrained refuses
-    # and other runtimes reject in the config.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if folder.exists():
-        folder.rmdir()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging.rename(folder)
-    print(f"prepared SmolLM2-135M in {folder} ({time.time() - started:.0f} s)", flush=True)
-    return folder
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -892,7 +850,13 @@ def main(argv=None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.prepare_smollm2 is not None:
-            prepared = prepare_smollm2(args.prepare_smollm2)
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from prepare_smollm2 import PrepareError, prepare_smollm2
+
+            try:
+                prepared = prepare_smollm2(args.prepare_smollm2)
+            except PrepareError as exc:
+                raise LNSError(str(exc)) from None
             if args.data is None and args.steps is None:
                 return 0
             settings["model"] = args.model or str(prepared)
