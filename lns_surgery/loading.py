@@ -10,10 +10,15 @@ from lns_surgery.core.sources import resolve_builtin
 
 
 def _config_dict(path: str | Path) -> dict | None:
+    """The folder's config.json (None for a Hub id or a folder without one); broken JSON is one line."""
     config_path = Path(path) / "config.json"
-    if config_path.is_file():
-        return json.loads(config_path.read_text(encoding="utf-8"))
-    return None
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LNSError(f"'{config_path}' is not valid JSON: {exc}") from None
+    return config if isinstance(config, dict) else None
 
 
 def _register_lns_classes(path) -> bool:

@@ -248,3 +248,12 @@ def test_norms_stated_by_hand_give_the_attention_only_ablation(stock_dir, tmp_pa
     for handle in handles:
         handle.remove()
     assert os.path.exists(tmp_path / "attn-only" / "modeling_lns.py")
+
+
+def test_load_model_names_a_broken_config_in_one_line(tmp_path):
+    """The Python API as well as the CLI: broken JSON is an LNSError naming the file, not a JSONDecodeError."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama",', encoding="utf-8")
+    with pytest.raises(LNSError, match="config.json' is not valid JSON"):
+        lns_surgery.load_model(folder)
