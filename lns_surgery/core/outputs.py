@@ -219,16 +219,22 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     if not out.parent.is_dir():
         return []
     being_written, discarded = f".{out.name}.{_TEMPORARY}-", f".{out.name}.{_DISCARDED}-"
+    candidates = [(entry, entry.name.startswith(being_written)) for entry in sorted(out.parent.iterdir())
+                  if entry.name.startswith((being_written, discarded)) and entry.is_dir() and not entry.is_symlink()]
+    return _remove_left_behind(candidates, "temporary folder(s)", f"beside '{out}'")
+
+
+def _remove_left_behind(candidates: list[tuple[Path, bool]], what: str, where: str) -> list[Path]:
+    """Remove each ``(folder, locked_marker)`` whose writer is gone (see ``_writer_gone``); one warning line."""
     removed = []
-    for entry in sorted(out.parent.iterdir()):
-        if not entry.name.startswith((being_written, discarded)) or not entry.is_dir() or entry.is_symlink():
-            continue
-        if _writer_gone(entry, locked_marker=entry.name.startswith(being_written)):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+    for folder, locked_marker in candidates:
+        if _writer_gone(folder, locked_marker=locked_marker):
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                removed.append(folder)
     if removed:
-        logger.warning("removed %d temporary folder(s) that stopped runs left beside '%s': %s",
-                       len(removed), out, ", ".join(path.name for path in removed))
+        logger.warning("removed %d %s that stopped runs left %s: %s",
+                       len(removed), what, where, ", ".join(path.name for path in removed))
     return removed
 
 
@@ -284,7 +290,7 @@ def remove_stale_scratch(root: Path | None = None) -> list[Path]:
         entries = sorted(root.iterdir())
     except OSError:
         return []
-    removed = []
+    candidates = []
     for entry in entries:
         if not _SCRATCH_NAME.match(entry.name) or entry.is_symlink() or not entry.is_dir():
             continue
@@ -293,14 +299,8 @@ def remove_stale_scratch(root: Path | None = None) -> list[Path]:
                 continue
         except OSError:
             continue
-        if _writer_gone(entry, locked_marker=True):
-            shutil.rmtree(entry, ignore_errors=True)
-            if not entry.exists():
-                removed.append(entry)
-    if removed:
-        logger.warning("removed %d scratch folder(s) that stopped runs left in '%s': %s",
-                       len(removed), root, ", ".join(path.name for path in removed))
-    return removed
+        candidates.append((entry, True))
+    return _remove_left_behind(candidates, "scratch folder(s)", f"in '{root}'")
 
 
 @contextlib.contextmanager
