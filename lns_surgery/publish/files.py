@@ -64,7 +64,8 @@ class Selection:
         return [item.path for item in self.files]
 
 
-def _refuse(folder: Path, reason: str) -> LNSError:
+def publish_error(folder: Path, reason: str) -> LNSError:
+    """The one error every refusal to publish ``folder`` raises."""
     return LNSError(f"cannot publish '{folder}': {reason}")
 
 
@@ -102,7 +103,7 @@ def select_files(folder: str | os.PathLike) -> Selection:
         for name in directories:
             relative = (base / name).relative_to(folder).as_posix()
             if (base / name).is_symlink() and not _excluded_folder(relative):
-                raise _refuse(folder, f"'{relative}' is a symbolic link to a folder; only regular files are uploaded")
+                raise publish_error(folder, f"'{relative}' is a symbolic link to a folder; only regular files are uploaded")
         for name in sorted(names):
             path = base / name
             relative = path.relative_to(folder).as_posix()
@@ -113,7 +114,7 @@ def select_files(folder: str | os.PathLike) -> Selection:
             try:
                 check_readable_file(path, roots)
             except LNSError as exc:
-                raise _refuse(folder, str(exc)) from None
+                raise publish_error(folder, str(exc)) from None
             included.append(UploadFile(relative, path.stat().st_size))
     included.sort(key=lambda item: item.path)
     excluded.sort()

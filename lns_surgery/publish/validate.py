@@ -29,6 +29,7 @@ from lns_surgery.core import checkpoint
 from lns_surgery.core.errors import LNSError
 from lns_surgery.core.lns_status import LNSStatus, lns_status
 from lns_surgery.core.outputs import scratch_dir
+from lns_surgery.publish.files import publish_error
 
 LOAD_CHECK_TIMEOUT_S = 600
 _RESULT_MARKER = "LNS-PUBLISH-RESULT "
@@ -109,10 +110,6 @@ class Validation:
         return f"ok: {self.load.summary()}"
 
 
-def _refuse(folder: Path, reason: str) -> LNSError:
-    return LNSError(f"cannot publish '{folder}': {reason}")
-
-
 # --- 1. the folder ------------------------------------------------------------------------------
 
 
@@ -124,10 +121,10 @@ def _auto_map_modules(folder: Path, auto_map: dict) -> list[str]:
             if not name:
                 continue
             if "--" in name:
-                raise _refuse(folder, f"auto_map's {auto_class} points at code in another repository ({name}); "
-                                      "ship the code in this folder")
+                raise publish_error(folder, f"auto_map's {auto_class} points at code in another repository ({name}); "
+                                            "ship the code in this folder")
             if "." not in name:
-                raise _refuse(folder, f"auto_map's {auto_class} entry '{name}' is not 'module.Class'")
+                raise publish_error(folder, f"auto_map's {auto_class} entry '{name}' is not 'module.Class'")
             modules.append(name.rsplit(".", 1)[0].replace(".", "/") + ".py")
     return list(dict.fromkeys(modules))
 
@@ -142,7 +139,7 @@ def _custom_code_files(folder: Path, auto_map: dict) -> list[str]:
             continue
         path = folder / module
         if not path.is_file():
-            raise _refuse(folder, f"custom-code file '{module}' (needed by {needed_by}) is missing")
+            raise publish_error(folder, f"custom-code file '{module}' (needed by {needed_by}) is missing")
         found.append(module)
         source = path.read_text(encoding="utf-8", errors="replace")
         for match in _RELATIVE_IMPORT.finditer(source):
@@ -156,38 +153,38 @@ def check_checkpoint(folder: str | os.PathLike) -> CheckpointInfo:
     if not folder.is_dir():
         raise LNSError(f"no such checkpoint folder: '{folder}'")
     if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
-        raise _refuse(folder, "it holds a PEFT adapter, not a model: publish the merged checkpoint")
+        raise publish_error(folder, "it holds a PEFT adapter, not a model: publish the merged checkpoint")
     try:
         config = checkpoint.read_config(folder)
     except LNSError as exc:
-        raise _refuse(folder, str(exc)) from None
+        raise publish_error(folder, str(exc)) from None
 
     status = lns_status(config)
     kind, lns = status.kind, status.record
     if kind == "lns":
         auto_map = config.get("auto_map")
         if not isinstance(auto_map, dict) or "AutoModelForCausalLM" not in auto_map or "AutoConfig" not in auto_map:
-            raise _refuse(folder, "config.json has an `lns` block but no auto_map for AutoConfig and "
-                                  "AutoModelForCausalLM, so transformers cannot find its code")
+            raise publish_error(folder, "config.json has an `lns` block but no auto_map for AutoConfig and "
+                                        "AutoModelForCausalLM, so transformers cannot find its code")
         if config.get("model_type") == lns.get("base_model_type"):
-            raise _refuse(folder, f"config.json reuses the stock model_type '{config['model_type']}': without "
-                                  "trust_remote_code transformers would silently load the stock class")
+            raise publish_error(folder, f"config.json reuses the stock model_type '{config['model_type']}': without "
+                                        "trust_remote_code transformers would silently load the stock class")
         code_files = _custom_code_files(folder, auto_map)
     elif kind == "lns-folded":
         auto_map = config.get("auto_map")
         code_files = _custom_code_files(folder, auto_map) if isinstance(auto_map, dict) else []
     else:
-        raise _refuse(folder, "config.json has no `lns` or `lns_folded` block: it is not an LNS checkpoint "
-                              "(convert it first: lns-surgery convert)")
+        raise publish_error(folder, "config.json has no `lns` or `lns_folded` block: it is not an LNS checkpoint "
+                                    "(convert it first: lns-surgery convert)")
 
     num_layers = checkpoint.config_num_layers(config)
     if not num_layers or num_layers < 1:
-        raise _refuse(folder, "config.json does not say how many layers the model has")
+        raise publish_error(folder, "config.json does not say how many layers the model has")
 
     try:
         tensors = checkpoint.weight_map(folder)
     except LNSError as exc:
-        raise _refuse(folder, f"its weights are damaged: {exc}") from None
+        raise publish_error(folder, f"its weights are damaged: {exc}") from None
     if tensors is None:
         weight_files = sorted(path.name for path in folder.glob("pytorch_model*.bin"))
         num_tensors = None
@@ -195,7 +192,7 @@ def check_checkpoint(folder: str | os.PathLike) -> CheckpointInfo:
         weight_files = sorted({entry.file.name for entry in tensors.values()})
         num_tensors = len(tensors)
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        raise _refuse(folder, "it has no tokenizer (tokenizer.json / tokenizer_config.json): save it beside the model")
+        raise publish_error(folder, "it has no tokenizer (tokenizer.json / tokenizer_config.json): save it beside the model")
     return CheckpointInfo(folder, kind, config, lns, num_layers, tuple(code_files), tuple(weight_files), num_tensors)
 
 
@@ -357,5 +354,5 @@ def validate_checkpoint(folder: str | os.PathLike, check_load: bool = False,
     try:
         load = load_check(info.folder, info.kind, timeout)
     except LNSError as exc:
-        raise _refuse(info.folder, str(exc)) from None
+        raise publish_error(info.folder, str(exc)) from None
     return Validation(info, load)
