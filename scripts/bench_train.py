@@ -6,7 +6,8 @@
    TRL's own collator and best-fit-decreasing packing, as SFT runs use them.
 3. Distillation healing: LoRA step time with the distillation loss (the student's forward and
    backward plus the source model's forward without gradients, the adapter disabled) / the plain
-   LoRA step, same LNS model and batch (target <= 1.3).
+   LoRA step, same LNS model and batch (target <= 1.3); and the same with the loss on half of each
+   row, as in assistant-only SFT, where only the positions that carry the loss enter the KL.
 
 CPU (default): a small Llama (1.4M parameters), fp32, one thread; under a minute.
 GPU (--gpu): bf16, Qwen2.5-0.5B shapes with random weights, sdpa (flash-attention 2 when installed);
@@ -153,10 +154,15 @@ def time_distillation_overhead(lns, batch, device, autocast_dtype, warmup, steps
                               _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
     batch = {k: v.to(device) for k, v in batch.items()}
-    losses = {"plain": lambda: student(**batch).loss, "distill": lambda: distilling_compute_loss(trainer, student, batch)}
-    times = {"plain": [], "distill": [], "teacher": []}
+    # As assistant-only SFT: the first half of every row is prompt and carries no loss
+    replies = {**batch, "labels": batch["labels"].clone()}
+    replies["labels"][:, : replies["labels"].shape[1] // 2] = -100
+    losses = {"plain": lambda: student(**batch).loss, "distill": lambda: distilling_compute_loss(trainer, student, batch),
+              "plain_replies": lambda: student(**replies).loss,
+              "distill_replies": lambda: distilling_compute_loss(trainer, student, replies)}
+    times = {name: [] for name in (*losses, "teacher")}
     for step in range(warmup + steps):
-        for name in ("plain", "distill") if step % 2 == 0 else ("distill", "plain"):
+        for name in losses if step % 2 == 0 else reversed(losses):
             sync(device)
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -252,7 +258,11 @@ def main():
                                         "distill_step_s": distill["distill"], "teacher_forward_s": distill["teacher"],
                                         "ratio": distill["distill"] / distill["plain"], "target": 1.3,
                                         # plain step + the teacher's forward, before any loss: the floor of the ratio
-                                        "teacher_floor_ratio": (distill["plain"] + distill["teacher"]) / distill["plain"]}
+                                        "teacher_floor_ratio": (distill["plain"] + distill["teacher"]) / distill["plain"],
+                                        # the same with half of every row's positions carrying the loss
+                                        "replies_lora_step_s": distill["plain_replies"],
+                                        "replies_distill_step_s": distill["distill_replies"],
+                                        "replies_ratio": distill["distill_replies"] / distill["plain_replies"]}
 
     # 2. padding-free packing vs padding, same records, LNS model (a fresh copy for each)
     tokens_per_word = 1.35  # Qwen/Llama BPE on English
@@ -298,6 +308,8 @@ def main():
           f"   ratio {distill['ratio']:.3f} (target <= 1.3)")
     print(f"           teacher forward alone {distill['teacher_forward_s'] * 1e3:7.1f} ms"
           f"   plain + teacher forward: ratio {distill['teacher_floor_ratio']:.3f} (the floor)")
+    print(f"           loss on half the positions (assistant-only SFT): plain {distill['replies_lora_step_s'] * 1e3:7.1f} ms"
+          f"   distillation {distill['replies_distill_step_s'] * 1e3:7.1f} ms   ratio {distill['replies_ratio']:.3f}")
     for mode in ("padding", "packing"):
         entry = throughput[mode]
         mfu = f"   MFU {entry['mfu']:.1%}" if entry.get("mfu") else ""

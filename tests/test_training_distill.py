@@ -119,7 +119,15 @@ def test_distillation_loss_is_kl_from_the_teacher_on_loss_tokens():
                 count += 1
     actual = distillation_loss(student, teacher, labels, temperature=2.0)
     assert actual.item() == pytest.approx(expected / count, rel=1e-5)
+    # gradient accumulation: the sum over these tokens, divided by every micro-batch's token count
+    accumulated = distillation_loss(student, teacher, labels, temperature=2.0, num_items_in_batch=torch.tensor(3 * count))
+    assert accumulated.item() == pytest.approx(expected / (3 * count), rel=1e-5)
     assert distillation_loss(teacher, teacher, labels).item() == 0.0
+    # no token carries the loss (a reply truncated away): zero, and still a graph to backpropagate
+    student.requires_grad_(True)
+    empty = distillation_loss(student, teacher, torch.full_like(labels, -100))
+    empty.backward()
+    assert empty.item() == 0.0 and torch.count_nonzero(student.grad) == 0
 
 
 def test_frozen_norms_keep_the_scaling_while_the_rest_trains(stories_path, tmp_path):

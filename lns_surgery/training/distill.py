@@ -103,11 +103,15 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature: float
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.gkd import GKDTrainer
 
-    # Position t predicts token t+1, as in the causal-LM loss.
+    # Position t predicts token t+1, as in the causal-LM loss. Only the positions that carry that loss
+    # enter the vocabulary-wide softmaxes (TRL's loss masks after computing every position): with
+    # assistant-only SFT the prompts cost nothing. The rows come as (tokens, vocab), whose batch mean is
+    # the mean over those tokens, as TRL's own masking gives.
+    carries_loss = labels[:, 1:] != -100
     return GKDTrainer.generalized_jsd_loss(
-        student_logits[:, :-1].float(),
-        teacher_logits[:, :-1].float(),
-        labels=labels[:, 1:],
+        student_logits[:, :-1][carries_loss].float(),
+        teacher_logits[:, :-1][carries_loss].float(),
+        labels=None,
         beta=0.0,
         temperature=temperature,
         num_items_in_batch=num_items_in_batch,
