@@ -70,9 +70,15 @@ def test_lora_sft_merged_export(stories_path, tmp_path):
     settings = _base(stories_path, tmp_path, dataset_name=str(alpaca), eval_fraction=0.1, max_length=128,
                      max_steps=12, per_device_train_batch_size=8, per_device_eval_batch_size=16,
                      learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.0, train_norms=True,
-                     eval_on_start=True, logging_steps=3)
+                     eval_on_start=True, eval_strategy="steps", eval_steps=5, logging_steps=3)
     result = train_from_dict(settings, "sft", callbacks=[snapshot])
     out = result.output_dir
+
+    # evaluated at the start, every 5 steps and after the last step, each once: the run's final
+    # metrics are the Trainer's own evaluation after step 12, not a second pass over the split
+    evaluations = [e for e in result.metrics["log_history"] if "eval_loss" in e]
+    assert [e["step"] for e in evaluations] == [0, 5, 10, 12]
+    assert result.metrics["eval"]["eval_loss"] == evaluations[-1]["eval_loss"]
 
     # every trainable parameter (LoRA matrices and the norm copies) moved; the norms were trainable
     assert snapshot.before and not snapshot.unchanged

@@ -368,7 +368,7 @@ def train(recipe: Recipe | Any, training=None, model_config=None, *, command: st
     try:
         trainer, info = build_trainer(recipe, callbacks=callbacks)
         train_output = trainer.train(resume_from_checkpoint=resume_from)
-        eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else None
+        eval_metrics = _final_evaluation(trainer)
         metrics = final_metrics(trainer.state, train_output, eval_metrics)
         metrics["dataset_format"] = info["dataset_format"]
         model = _save_outputs(trainer, recipe, work, final, info, metrics, state)
@@ -383,6 +383,18 @@ def train(recipe: Recipe | Any, training=None, model_config=None, *, command: st
         training.output_dir = str(final)
     return TrainResult(model=model, tokenizer=trainer.processing_class, metrics=metrics, output_dir=final,
                        trainer=trainer)
+
+
+def _final_evaluation(trainer) -> dict | None:
+    """The held-out metrics of the model as trained. transformers evaluates after the last step of a
+    step- or epoch-based schedule by itself; that evaluation is reused, not run a second time (on CPU
+    one pass over an SFT split takes minutes). A model swapped for the best checkpoint is evaluated again."""
+    if trainer.eval_dataset is None:
+        return None
+    logged = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if logged and logged[-1].get("step") == trainer.state.global_step and not trainer.args.load_best_model_at_end:
+        return {key: value for key, value in logged[-1].items() if key != "step"}
+    return trainer.evaluate()
 
 
 def train_from_dict(settings: dict, command: str = "sft", callbacks=None) -> TrainResult:
