@@ -64,6 +64,8 @@ def sft_settings(recipe: dict, model: Path, output_dir: Path, max_steps: int | N
                 "disable_tqdm": True}
     if max_steps is not None:
         settings["max_steps"] = max_steps
+    # Only the held-out loss before and after is compared: no evaluations in between (minutes each on CPU)
+    settings.update(eval_strategy="steps", eval_steps=settings["max_steps"])
     return settings
 
 
@@ -95,10 +97,11 @@ def run(args) -> dict:
             run_started = time.time()
             result = train_from_dict(sft_settings(recipe, folder, scratch / f"run-{index}", args.max_steps), "sft")
             history = result.metrics["log_history"]
-            before = next(entry["eval_loss"] for entry in history if "eval_loss" in entry)
-            after = result.metrics["eval"]["eval_loss"]
+            evaluations = [entry for entry in history if "eval_loss" in entry]
+            before, after = evaluations[0]["eval_loss"], result.metrics["eval"]["eval_loss"]
             rows[name] = {"model": str(folder), "lns": lns_status(result.model.config).kind,
                           "eval_loss_before": before, "eval_loss_after": after,
+                          "evaluated_at_steps": [entry["step"] for entry in evaluations],
                           "eval_perplexity_after": math.exp(after),
                           "train_tokens": result.metrics["train"]["tokens_seen"],
                           "wall_seconds": round(time.time() - run_started, 1)}

@@ -1,5 +1,6 @@
 """The study scripts end to end with tiny step counts: the healing study (two arms x two seeds on stories260K),
-the from-scratch reproduction (Pre-LN vs LNS) and the GPU check's refusal on a machine without a GPU."""
+SFT after healing (a stock and an LNS model), the from-scratch reproduction (Pre-LN vs LNS) and the GPU
+check's refusal on a machine without a GPU."""
 
 from __future__ import annotations
 
@@ -179,6 +180,36 @@ def test_healing_study_refuses_bad_settings(stories_path, tmp_path, options, mes
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [message]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_sft_after_healing_end_to_end(stories_path, tmp_path):
+    from lns_surgery import convert
+
+    lns = tmp_path / "stories-lns"
+    convert(stories_path, lns)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((REPO_ROOT / "recipes" / "cpu" / "sft-alpaca-tiny.yaml").read_text(encoding="utf-8").replace(
+        "../shared/data/alpaca/alpaca_first100.json", str(shared_path("data/alpaca/alpaca_first100.json"))), encoding="utf-8")
+    out = tmp_path / "sft"
+    result = run_script("scripts/sft_after_healing.py", "--model", f"stock base={stories_path}", "--model", f"lns={lns}",
+                        "--recipe", str(recipe), "--max-steps", "3", "--threads", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    no_leftovers(out)
+
+    results = json.loads((out / "results.json").read_text())
+    stock, converted = results["models"]["stock base"], results["models"]["lns"]
+    assert (stock["lns"], converted["lns"]) == ("stock", "lns")  # the stock model was not converted on load
+    for row in (stock, converted):
+        assert row["evaluated_at_steps"] == [0, 3]  # before and after only, each once
+        assert row["eval_loss_after"] < row["eval_loss_before"]
+        assert row["train_tokens"] > 0
+    assert stock["after_vs_stock"] == 0.0
+    assert converted["after_vs_stock"] == pytest.approx(converted["eval_loss_after"] - stock["eval_loss_after"])
+    # LNS on a trained model without healing starts far from it: 3 steps of LoRA do not close the gap
+    assert converted["eval_loss_before"] > stock["eval_loss_before"]
+    assert "| lns | lns |" in (out / "summary.md").read_text()
+    assert not (lns / "adapter_config.json").exists()  # the adapters went to a scratch folder, not the input
 
 
 @pytest.mark.slow
