@@ -64,8 +64,10 @@ def sft_settings(recipe: dict, model: Path, output_dir: Path, max_steps: int | N
                 "disable_tqdm": True}
     if max_steps is not None:
         settings["max_steps"] = max_steps
-    # Only the held-out loss before and after is compared: no evaluations in between (minutes each on CPU)
-    settings.update(eval_strategy="steps", eval_steps=settings["max_steps"])
+    # Only the held-out loss before and after is compared: no evaluations in between (minutes each on CPU).
+    # A recipe that counts epochs instead of steps keeps its own schedule.
+    if settings.get("max_steps", -1) > 0:
+        settings.update(eval_strategy="steps", eval_steps=settings["max_steps"])
     return settings
 
 
