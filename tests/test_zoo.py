@@ -8,6 +8,10 @@ every outcome: exact (with the block list, the scaled norms and whether folding 
 refused (with the reason), or not buildable tiny (zoo_models.UNBUILDABLE). Any change of outcome
 fails; refresh the file (and the README's table) with ``python tests/test_zoo.py --write [model_type ...]``
 and review the diff.
+
+A type that a newer transformers adds has no record yet: it is converted and checked all the same
+(exact against the reference built from the norms the conversion chose, or refused in one line) and
+reported as a warning, so upstream growth fails the suite only where a conversion is wrong or crashes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,12 +80,24 @@ def _expectations() -> dict:
 BUILDABLE = [t for t in zoo_models.ZOO_TYPES if t not in zoo_models.UNBUILDABLE]
 
 
-def test_every_type_has_an_expectation_and_unbuildable_ones_say_why():
-    expected = _expectations()
-    missing = sorted(set(BUILDABLE) - set(expected))
-    assert not missing, f"no recorded outcome for {missing}: run python tests/test_zoo.py --write and review it"
+class UnrecordedModelType(UserWarning):
+    """A model type of the installed transformers that zoo_expectations.json does not record yet."""
+
+
+def test_unbuildable_types_say_why_and_unrecorded_ones_are_reported():
+    missing = sorted(set(BUILDABLE) - set(_expectations()))
+    if missing:  # each is still converted and checked by test_zoo_type_is_exact_or_refused_as_recorded
+        warnings.warn(UnrecordedModelType(
+            f"transformers {transformers_version()} adds {len(missing)} model type(s) with no recorded outcome: "
+            f"{', '.join(missing)}; record them with python tests/test_zoo.py --write {' '.join(missing)}"))
     assert all(reason.strip() for reason in zoo_models.UNBUILDABLE.values())
     assert zoo_counts()["exact"] > 0
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def zoo_counts() -> dict:
@@ -93,9 +110,12 @@ def zoo_counts() -> dict:
 @pytest.mark.parametrize("model_type", BUILDABLE)
 def test_zoo_type_is_exact_or_refused_as_recorded(model_type, tmp_path):
     expected = _expectations().get(model_type)
-    if expected is None:
-        pytest.fail(f"no recorded outcome for {model_type}")
     result = convert_one(model_type, tmp_path)
+    if expected is None:  # a type newer than the record: checked against what the conversion chose, and reported
+        expected = _recorded(result)
+        warnings.warn(UnrecordedModelType(f"{model_type} (not recorded): {result['outcome']}"
+                                          + (f", {result['reason']}" if "reason" in result else
+                                             f", {result['layers']}: {', '.join(result['norms'])}")))
     assert _recorded(result) == expected
     if result["outcome"] != "exact":
         assert "\n" not in result["reason"]  # one readable line
@@ -116,6 +136,13 @@ def test_zoo_type_is_exact_or_refused_as_recorded(model_type, tmp_path):
             diff = (_logits(model, inputs) - reference).abs().max().item()
             assert diff <= TOLERANCE, f"{mode} mode differs from the reference by {diff:.3g}"
     assert set(result["loaded"]) == ({"code", "fold"} if expected["fold"] else {"code"})
+
+
+def test_an_unrecorded_type_is_checked_and_reported(tmp_path, monkeypatch):
+    recorded = _expectations()
+    monkeypatch.setitem(globals(), "_expectations", lambda: {k: v for k, v in recorded.items() if k != "llama"})
+    with pytest.warns(UnrecordedModelType, match="llama .not recorded.: exact, model.layers"):
+        test_zoo_type_is_exact_or_refused_as_recorded("llama", tmp_path)
 
 
 def zoo_table() -> str:

@@ -514,6 +514,9 @@ _OVERRIDES: dict[str, dict] = {
     "zamba": {"num_hidden_layers": 4, "layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"]},
     "zamba2": {"attention_head_dim": 2 * HIDDEN // HEADS},
     "dbrx": {"attn_config.clip_qkv": 8.0},
+    # its indexed attention validates the indexer layers, pool and compression against the (shrunk) layer list
+    "kolibri1_1": {"index_layers": [2], "index_num_heads": 2, "index_compression": 2, "index_pool_size": 8,
+                   "index_topk": 4, "index_num_local_tokens": 2, "index_num_sink_tokens": 1},
     "dory": {"num_hidden_layers": 4, "n_input_layers": 1, "n_recurrent_layers": 2, "n_output_layers": 1,
              "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]},
     "dots1": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1},
