@@ -230,7 +230,18 @@ def test_training_script_reproduces_the_shipped_model(tmp_path):
                    check=True, capture_output=True, text=True, timeout=1200)
     report = json.loads((out / "training_report.json").read_text())
     assert report["heldout_perplexity"] == pytest.approx(REPORT["heldout_perplexity"], rel=RETRAIN_RTOL)
-    for name in ("tokenizer.json", "config.json"):  # the data and the tokenizer are bitwise the same
-        assert (out / name).read_text() == (BASE_MODEL / name).read_text(), name
+    # The data and the tokenizer are the same: compared by meaning, since another transformers or tokenizers
+    # version writes the same tokenizer and config with other defaults, key order or version stamp.
+    assert json.loads((out / "tokenizer.json").read_text()) == json.loads((BASE_MODEL / "tokenizer.json").read_text())
+    assert _config_meaning(out) == _config_meaning(BASE_MODEL)
     for key in ("model", "training", "seeds"):
         assert report[key] == REPORT[key], key
+
+
+def _config_meaning(folder) -> dict:
+    """The model config as the installed transformers reads it, without the version stamp."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder).to_dict()
+    config.pop("transformers_version", None)
+    return config
