@@ -113,6 +113,10 @@ def test_lora_sft_merged_export(stories_path, tmp_path):
     assert metrics["log_history"] == json.loads(json.dumps(history))
     assert metrics["train"]["tokens_seen"] > 0 and metrics["train"]["train_tokens_per_second"] > 0
     assert metrics["train"]["global_step"] == 12
+    # steady state: the 11 steps after the first, evaluation left out; no MFU without a known GPU peak
+    assert metrics["train"]["steady_steps"] == 11 and metrics["train"]["steady_tokens_per_second"] > 0
+    assert metrics["train"]["mfu"] is None and metrics["train"]["peak_host_memory_gb"] > 0.1
+    assert metrics["train"]["attn_implementation"] == "sdpa"  # the model's default: nothing packs here
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "lns_llama" and config["lns"]["alpha"] == 1.0 and config["auto_map"]
 

@@ -135,6 +135,20 @@ def _quantization(model_config):
     return get_quantization_config(model_config)
 
 
+def _packing_attention(training, model_config) -> str | None:
+    import importlib.util
+
+    import torch
+
+    from lns_surgery.training.performance import packing_attention
+
+    choice = packing_attention(training, model_config, torch.cuda.is_available(),
+                               importlib.util.find_spec("flash_attn") is not None)
+    if choice:
+        logger.info("packed batches: attention %s keeps documents apart without a dense mask", choice)
+    return choice
+
+
 def load_model(args, training, model_config, tokenizer=None):
     """The model a recipe trains, with LayerNorm Scaling in place where the recipe asks for it."""
     from lns_surgery import load_model as load_checkpoint
@@ -149,8 +163,9 @@ def load_model(args, training, model_config, tokenizer=None):
         if not model_config.model_name_or_path:
             raise LNSError("the recipe needs model_name_or_path (or init_preset)")
         kwargs = {"dtype": model_config.dtype, "revision": model_config.model_revision}
-        if model_config.attn_implementation:
-            kwargs["attn_implementation"] = model_config.attn_implementation
+        attention = model_config.attn_implementation or _packing_attention(training, model_config)
+        if attention:
+            kwargs["attn_implementation"] = attention
         quantization = _quantization(model_config)
         if quantization is not None:
             from trl import get_kbit_device_map

@@ -152,7 +152,9 @@ def build_trainer(recipe: Recipe, callbacks=None):
         training.use_liger_kernel = False
     added = data.prepare_tokenizer(tokenizer, model, data_format, args.chat_template)
     peft_config = _peft_config(args, model_config, model)
-    extra = list(callbacks or [])
+    from lns_surgery.training.performance import ThroughputCallback
+
+    extra = [*(callbacks or []), ThroughputCallback(lora=peft_config is not None)]
     if args.lns_ramp_steps:
         extra.insert(0, LNSRampCallback(args.lns_ramp_steps))
     if eval_data is None and training.eval_strategy != "no":
@@ -370,6 +372,7 @@ def train(recipe: Recipe | Any, training=None, model_config=None, *, command: st
         train_output = trainer.train(resume_from_checkpoint=resume_from)
         eval_metrics = _final_evaluation(trainer)
         metrics = final_metrics(trainer.state, train_output, eval_metrics)
+        metrics["train"].update(_throughput(trainer))
         metrics["dataset_format"] = info["dataset_format"]
         model = _save_outputs(trainer, recipe, work, final, info, metrics, state)
     except BaseException:
@@ -383,6 +386,16 @@ def train(recipe: Recipe | Any, training=None, model_config=None, *, command: st
         training.output_dir = str(final)
     return TrainResult(model=model, tokenizer=trainer.processing_class, metrics=metrics, output_dir=final,
                        trainer=trainer)
+
+
+def _throughput(trainer) -> dict:
+    """Steady-state tokens/s, MFU and peak memory, as the run's ThroughputCallback measured them."""
+    from lns_surgery.training.performance import ThroughputCallback
+
+    timers = [c for c in trainer.callback_handler.callbacks if isinstance(c, ThroughputCallback)]
+    summary = timers[0].summary() if timers else {}
+    summary["attn_implementation"] = getattr(trainer.model.config, "_attn_implementation", None)
+    return summary
 
 
 def _final_evaluation(trainer) -> dict | None:
