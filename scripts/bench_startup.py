@@ -2,10 +2,8 @@
 
 Converts a tiny Llama checkpoint (so the copy costs nothing) in fresh processes, alternating between
 this working tree and a temporary ``git worktree`` of ``--baseline``, and reports the median of each
-and their difference: what a change adds to every conversion before any weight is touched. This
-working tree runs twice per round: "cold", with an empty plan cache (the first conversion of a model
-on a machine: the family's modelling code is imported, traced and its norms proven), and "warm",
-with the plan of an identical earlier conversion cached (see ``lns_surgery/conversion/plan_cache.py``).
+and their difference: what a change adds to every conversion before any weight is touched (importing
+the family's modelling code, tracing it and proving its norms, which every conversion does).
 
     python scripts/bench_startup.py --baseline <git revision> [--repeats 5] [--out bench_results/startup.json]
 """
@@ -25,9 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _convert_seconds(root: Path, source: Path, out: Path, plan_cache: Path) -> float:
-    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", LNS_SURGERY_CACHE=str(plan_cache))
-    env.pop("LNS_SURGERY_PLAN_CACHE", None)
+def _convert_seconds(root: Path, source: Path, out: Path) -> float:
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "lns_surgery", "convert", str(source), "--out", str(out)],
                    check=True, env=env, cwd=root, capture_output=True)
@@ -53,23 +50,21 @@ def main() -> None:
         baseline = work / "baseline"
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(baseline), args.baseline], check=True)
         try:
-            warm_cache = work / "plans-warm"
-            _convert_seconds(REPO, work / "tiny", work / "warm-up", warm_cache)
-            runs = {"baseline": (baseline, None), "cold": (REPO, "empty"), "warm": (REPO, warm_cache)}
+            _convert_seconds(REPO, work / "tiny", work / "warm-up")  # the first run fills the OS file cache
+            runs = {"baseline": baseline, "this": REPO}
             seconds = {name: [] for name in runs}
             for repeat in range(args.repeats):
-                for name, (root, cache) in runs.items():
-                    cache = work / f"plans-{name}-{repeat}" if cache == "empty" else cache or work / "plans-unused"
-                    seconds[name].append(_convert_seconds(root, work / "tiny", work / f"{name}-{repeat}", cache))
+                for name, root in runs.items():
+                    seconds[name].append(_convert_seconds(root, work / "tiny", work / f"{name}-{repeat}"))
                     print(f"  repeat {repeat + 1}: {name:8s} {seconds[name][-1]:.2f} s", flush=True)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], check=False)
     result = {"baseline": args.baseline, "seconds": seconds,
               "median_s": {name: statistics.median(values) for name, values in seconds.items()}}
     median = result["median_s"]
-    result["added_s"] = {name: median[name] - median["baseline"] for name in ("cold", "warm")}
-    print(f"start-up at {args.baseline}: {median['baseline']:.2f} s; this tree: cold {median['cold']:.2f} s "
-          f"({result['added_s']['cold']:+.2f} s), warm plan cache {median['warm']:.2f} s ({result['added_s']['warm']:+.2f} s)")
+    result["added_s"] = median["this"] - median["baseline"]
+    print(f"start-up at {args.baseline}: {median['baseline']:.2f} s; this tree: {median['this']:.2f} s "
+          f"({result['added_s']:+.2f} s)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

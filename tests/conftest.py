@@ -18,9 +18,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # both fighting over two threads each. Child processes inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-# Conversion plans are recomputed in every test (tests patch the code that makes them); the plan
-# cache's own tests turn it on in a folder of their own.
-os.environ["LNS_SURGERY_PLAN_CACHE"] = "off"
 # Remote code loaded by tests is copied into a throw-away module cache, not the user's.
 os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="lns-test-hf-modules-"))
 

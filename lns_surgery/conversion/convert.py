@@ -10,9 +10,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from lns_surgery.conversion import plan_cache
-from lns_surgery.conversion.apply import warn_unregistered
-from lns_surgery.conversion.registry import lookup, primary_auto_class
+from lns_surgery.conversion.registry import Architecture, lookup, primary_auto_class
 from lns_surgery.core import checkpoint, outputs
 from lns_surgery.core.errors import LNSError, first_line
 from lns_surgery.core.lns_status import LNSStatus, lns_status
@@ -99,6 +97,18 @@ def architecture_for_checkpoint(
     return architecture_for_model(model, layers, norms, force), config, model
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a conversion of one checkpoint needs to know about its model."""
+
+    arch: Architecture
+    num_layers: int
+    # Per block, (parameter name, file key) of each scaled norm parameter, for fold mode; None when not
+    # asked for, and ``fold_error`` when the norms cannot be folded (the refusal, in one line).
+    fold_tensors: list[list[tuple[str, str]]] | None = None
+    fold_error: str | None = None
+
+
 def conversion_plan(
     folder: Path,
     config_dict: dict,
@@ -108,25 +118,21 @@ def conversion_plan(
     norms: list[str] | None = None,
     for_fold: bool = False,
     force: bool = False,
-) -> plan_cache.Plan:
+) -> Plan:
     """Where LNS acts in this checkpoint, how many blocks it has and, for fold mode, which file tensors
-    hold the scaled norms: from the plan cache where an identical conversion was planned before, else
-    by building the model on the meta device, tracing it and proving its norms."""
+    hold the scaled norms: by building the model on the meta device, tracing it and proving its norms.
+
+    Every conversion plans afresh. A cache of plans saved about a second of start-up but could be
+    edited, replaced or outlived by the code it described, and a wrong plan is a wrong model.
+    """
     lookup(config_dict["model_type"])  # refuses known post-norm families before anything is built
-    key = plan_cache.plan_key(config_dict, tensors, layers, norms, force)
-    plan = plan_cache.load(key)
-    if plan is not None and (not for_fold or plan.fold_tensors is not None or plan.fold_error):
-        if plan.arch.detected and layers is None and norms is None:
-            warn_unregistered(plan.arch)
-        return plan
     arch, _, model = architecture_for_checkpoint(folder, config_dict, trust_remote_code, layers, norms, force)
-    plan = plan_cache.Plan(arch, len(lns_layers.resolve_layers(model, arch.layers)))
+    plan = Plan(arch, len(lns_layers.resolve_layers(model, arch.layers)))
     if for_fold and tensors is not None and arch.fold_rule:
         try:
             plan = dataclasses.replace(plan, fold_tensors=norm_tensors(model, arch.lns_block(), tensors))
         except LNSError as exc:
             plan = dataclasses.replace(plan, fold_error=str(exc))
-    plan_cache.store(key, plan)
     return plan
 
 
