@@ -53,7 +53,7 @@ Writes into ``--out`` (which appears only once everything is written):
   also the trained model).
 
 Models: any stock checkpoint folder, ``builtin:demo`` (the package's demo base; train it on its own
-corpus, see the README), or a Hub id. ``--prepare-smollm2 DIR`` writes SmolLM2-135M-Instruct from the
+corpus, see docs/studies.md), or a Hub id. ``--prepare-smollm2 DIR`` writes SmolLM2-135M-Instruct from the
 shared GGUF file as an ordinary safetensors folder in DIR (reused when already there) for ``--model``.
 
 GPU preset (documented, not run here): Qwen2.5-0.5B (24 blocks) from the Hub, ~400M tokens per run,

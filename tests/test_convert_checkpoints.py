@@ -173,10 +173,10 @@ def test_inspect_and_archs(stories_path, tmp_path):
 def test_readme_architecture_table_is_current():
     from lns_surgery.conversion.registry import architecture_table
 
-    readme = (REPO_ROOT / "README.md").read_text()
+    readme = (REPO_ROOT / "docs" / "architectures.md").read_text()
     start, end = readme.index("<!-- archs:start -->"), readme.index("<!-- archs:end -->")
     assert readme[start:end].split("\n", 1)[1].strip() == architecture_table().strip(), (
-        "README table is stale: regenerate it with `lns-surgery archs --markdown`"
+        "docs/architectures.md table is stale: regenerate it with `lns-surgery archs --markdown`"
     )
 
 

@@ -6,7 +6,7 @@ independent reference: the stock model with forward hooks that multiply the outp
 named in ``zoo_expectations.json`` by 1/sqrt(l). The expectations file is the reviewed record of
 every outcome: exact (with the block list, the scaled norms and whether folding is possible), or
 refused (with the reason), or not buildable tiny (zoo_models.UNBUILDABLE). Any change of outcome
-fails; refresh the file (and the README's table) with ``python tests/test_zoo.py --write [model_type ...]``
+fails; refresh the file (and the table in docs/architectures.md) with ``python tests/test_zoo.py --write [model_type ...]``
 and review the diff.
 
 A type that a newer transformers adds has no record yet: it is converted and checked all the same
@@ -166,15 +166,15 @@ def zoo_table() -> str:
 
 
 def test_readme_zoo_table_is_current():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "architectures.md").read_text()
     start, end = readme.index("<!-- zoo:start -->"), readme.index("<!-- zoo:end -->")
     assert readme[start:end].split("\n", 1)[1].strip() == zoo_table().strip(), (
-        "README zoo table is stale: regenerate it with python tests/test_zoo.py --readme"
+        "docs/architectures.md zoo table is stale: regenerate it with python tests/test_zoo.py --readme"
     )
 
 
 def write_readme_table() -> None:
-    path = Path(__file__).parent.parent / "README.md"
+    path = Path(__file__).parent.parent / "docs" / "architectures.md"
     readme = path.read_text()
     start, end = readme.index("<!-- zoo:start -->"), readme.index("<!-- zoo:end -->")
     path.write_text(readme[:start] + "<!-- zoo:start -->\n" + zoo_table() + "\n" + readme[end:])

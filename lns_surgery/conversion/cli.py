@@ -99,7 +99,7 @@ def inspect_command(model, as_json, trust_remote_code, layers, norms, force, rev
 
 
 @click.command("archs")
-@click.option("--markdown", is_flag=True, help="Print the README's table.")
+@click.option("--markdown", is_flag=True, help="Print the table in docs/architectures.md.")
 def archs_command(markdown):
     """List the architectures in the registry."""
     from lns_surgery.conversion.registry import architecture_table

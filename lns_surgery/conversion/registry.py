@@ -166,7 +166,7 @@ def lookup(model_type: str) -> Architecture | None:
 
 
 def architecture_table(plain: bool = False) -> str:
-    """The registry as the README's Markdown table (or aligned plain text)."""
+    """The registry as the Markdown table of docs/architectures.md (or aligned plain text)."""
     rows = []
     for model_type, arch in load_registry().items():
         if arch.refuse:
