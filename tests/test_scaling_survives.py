@@ -7,6 +7,7 @@ A public implementation lost it on meta-device initialisation (it lived in a buf
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from lns_reference import hooked_reference
 from tiny_models import VOCAB, tiny_model
 
 import lns_surgery
+from conftest import run_fresh_python, shared_path
 from lns_surgery.modeling.auto import register
 
 KINDS = ["llama", "gemma2", "gpt2", "olmo"]  # one per norm kind
@@ -177,3 +179,163 @@ def test_symbolic_trace_shows_the_scale_after_the_stock_norm(model_type):
         expected = 0.5 * stock_norm(x)
         assert _close(traced(x), expected, 1e-6)
         assert _close(norm(x), expected, 1e-6)  # eager runs the effective-weight form: same function
+
+
+# --- hub kernels: transformers' use_kernels (on by default when `kernels` is installed) and kernelize ---
+# They replace the forward of every module whose class has a ``kernel_layer_name`` by a kernel for that
+# name; the stock RMSNorms carry "RMSNorm" (kernels-community's Liger RMSNorm on CUDA). The Hub is out
+# of reach in tests, so an RMSNorm kernel is served on CPU from memory.
+
+
+class _HubRMSNorm(torch.nn.Module):
+    """Stands in for a Hub RMSNorm kernel: stateless, the stock math on the module's stored weight."""
+
+    def forward(self, hidden_states):
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(hidden_states.dtype)
+
+
+class _InMemoryKernelRepository:
+    """A kernels repository (``load()`` gives the layer class) that needs no Hub."""
+
+    layer_name = "_HubRMSNorm"
+
+    def load(self):
+        return _HubRMSNorm
+
+
+def _cpu_rmsnorm_kernel():
+    kernels = pytest.importorskip("kernels")  # transformers' use_kernels needs it too
+    return kernels.use_kernel_mapping({"RMSNorm": {"cpu": _InMemoryKernelRepository()}})
+
+
+def _kernelized(model) -> dict:
+    """module name -> whether kernelize gave it a kernel's forward, for the model's norms."""
+    return {name: "_kernel_repo" in vars(module) for name, module in model.named_modules() if name.endswith("norm")}
+
+
+@pytest.mark.parametrize("model_type", KINDS)
+def test_scaled_norm_classes_are_not_kernelize_candidates(model_type):
+    _, lns, _, _ = _pair(model_type)
+    scaled = [m for m in lns.modules() if hasattr(type(m), "lns_kind")]
+    assert scaled and not any(hasattr(type(m), "kernel_layer_name") or hasattr(m, "kernel_layer_name") for m in scaled)
+
+
+def test_hub_kernels_leave_the_scaled_norms_alone():
+    stock, lns, reference, stock_logits = _pair("llama")
+    with _cpu_rmsnorm_kernel():
+        stock.set_use_kernels(True)  # what from_pretrained does after loading
+        lns.set_use_kernels(True)
+        kernelized_stock, kernelized_lns = _kernelized(stock), _kernelized(lns)
+        assert all(kernelized_stock.values())  # the kernel replaces every stock RMSNorm
+        assert _close(_logits(stock, _ids()), stock_logits)  # and computes the stock norm
+        assert [name for name, done in kernelized_lns.items() if done] == ["model.norm"]  # the unscaled final norm
+        assert _close(_logits(lns, _ids()), reference)
+        lns.train()  # a new mode kernelizes again
+        lns.eval()
+        assert _close(_logits(lns, _ids()), reference)
+
+
+def test_scaling_a_kernelized_model_drops_the_kernel_from_the_scaled_norms():
+    """lns_convert scales a stock model after from_pretrained may have kernelized it."""
+    stock = tiny_model("llama")
+    ids = _ids()
+    with hooked_reference(stock, "llama"):
+        reference = _logits(stock, ids)
+    with _cpu_rmsnorm_kernel():
+        stock.set_use_kernels(True)
+        assert all(_kernelized(stock).values())
+        lns = lns_surgery.apply_layernorm_scaling(stock)
+        assert [name for name, done in _kernelized(lns).items() if done] == ["model.norm"]
+        assert _close(_logits(lns, ids), reference)
+        lns.train()
+        lns.eval()
+        assert _close(_logits(lns, ids), reference)
+
+
+def test_use_kernels_on_load_keeps_the_scaling(tmp_path):
+    _, lns, reference, stock_logits = _pair("llama")
+    lns.save_pretrained(tmp_path)
+    with _cpu_rmsnorm_kernel():
+        for kwargs in ({}, {"use_kernels": True}):  # the default is on when kernels is installed
+            loaded = lns_surgery.load_model(tmp_path, **kwargs).eval()
+            assert loaded.use_kernels and _kernelized(loaded)["model.norm"], kwargs
+            assert _close(_logits(loaded, _ids()), reference), kwargs
+            assert not _close(_logits(loaded, _ids()), stock_logits, 1e-2)
+
+
+def test_use_kernels_on_load_keeps_the_scaling_with_the_shipped_code(tmp_path):
+    """The same in a process without lns_surgery: transformers loads the checkpoint's own code."""
+    _, lns, reference, stock_logits = _pair("llama")
+    lns.save_pretrained(tmp_path)
+    torch.save(_ids(), tmp_path / "ids.pt")
+    result = run_fresh_python(f"""
+        import json, torch
+        from kernels import use_kernel_mapping
+        from transformers import AutoModelForCausalLM
+
+        class HubRMSNorm(torch.nn.Module):
+            def forward(self, hidden_states):
+                x = hidden_states.float()
+                x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+                return self.weight * x.to(hidden_states.dtype)
+
+        class Repository:
+            layer_name = "HubRMSNorm"
+            def load(self):
+                return HubRMSNorm
+
+        with use_kernel_mapping({{"RMSNorm": {{"cpu": Repository()}}}}):
+            model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+            with torch.no_grad():
+                logits = model(input_ids=torch.load({str(tmp_path / "ids.pt")!r})).logits
+        kernelized = sorted(n for n, m in model.named_modules() if "_kernel_repo" in vars(m))
+        print(json.dumps({{"module": type(model).__module__, "kernelized": kernelized, "logits": logits.tolist()}}))
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["module"].startswith("transformers_modules.")  # the checkpoint's code, not lns_surgery's
+    assert out["kernelized"] == ["model.norm"]
+    logits = torch.tensor(out["logits"])
+    assert _close(logits, reference) and not _close(logits, stock_logits, 1e-2)
+
+
+def test_use_kernels_in_a_recipe_keeps_the_scaling(stories_path, tmp_path):
+    """``model_init_kwargs: {use_kernels: true}`` (TRL's replacement for Liger) through the training path,
+    from a converted checkpoint and with lns_convert."""
+    from lns_surgery.training.recipe import recipe_from_dict
+    from lns_surgery.training.run import build_trainer
+
+    ids = torch.tensor([[1, 403, 407, 261, 378, 430, 426, 271, 259, 417]])
+    stock = lns_surgery.load_model(stories_path).eval()
+    stock_logits = _logits(stock, ids)
+    with hooked_reference(stock, "llama"):
+        reference = _logits(stock, ids)
+    converted = lns_surgery.convert(stories_path, tmp_path / "lns")
+    base = {"dataset_name": str(shared_path("data/alpaca/alpaca_first100.json")), "max_length": 64, "use_peft": False,
+            "model_init_kwargs": {"use_kernels": True}, "activation_checkpointing": False, "use_cpu": True,
+            "report_to": "none", "disable_tqdm": True, "seed": 0}
+    runs = {"checkpoint": {"model_name_or_path": str(converted)},
+            "lns_convert": {"model_name_or_path": str(stories_path), "lns_convert": True}}
+    with _cpu_rmsnorm_kernel():
+        for name, settings in runs.items():
+            recipe = recipe_from_dict({**base, **settings, "output_dir": str(tmp_path / name)}, "sft")
+            trainer, _ = build_trainer(recipe)
+            model = trainer.model.eval()
+            assert [n for n, done in _kernelized(model).items() if done] == ["model.norm"], name
+            logits = _logits(model, ids)
+            assert _close(logits, reference), name
+            assert not _close(logits, stock_logits, 1e-2), name
+
+
+def test_use_liger_kernel_on_an_lns_model_is_one_line(stories_path, tmp_path):
+    from lns_surgery.core.errors import LNSError
+    from lns_surgery.training.recipe import recipe_from_dict
+    from lns_surgery.training.run import build_trainer
+
+    settings = {"model_name_or_path": str(stories_path), "lns_convert": True, "use_liger_kernel": True,
+                "dataset_name": str(shared_path("data/alpaca/alpaca_first100.json")), "max_length": 64,
+                "output_dir": str(tmp_path / "out"), "use_cpu": True, "report_to": "none"}
+    with pytest.raises(LNSError, match=r"use_liger_kernel: .*model_init_kwargs: \{use_kernels: true\}"):
+        build_trainer(recipe_from_dict(settings, "sft"))

@@ -13,6 +13,7 @@ from lns_surgery.modeling.lns_layers import (
     LayerNormScalingMixin,
     lns_class_name,
     lns_model_type,
+    share_peft_targets,
     share_weight_conversions,
 )
 
@@ -33,6 +34,7 @@ def _build_classes(base_model_type: str, base_classes: tuple) -> dict:
         {"model_type": lns_model_type(base_model_type), "__module__": __name__},
     )
     share_weight_conversions(base_model_type, list(classes.values()))
+    share_peft_targets(base_model_type)
     built = {"config": config_class}
     for auto_name, base_name in classes.items():
         base = getattr(transformers, base_name)

@@ -226,6 +226,31 @@ def exact_kind(module: nn.Module, preferred: str | None = None) -> str:
 _SCALED_CLASSES: dict = {}
 
 
+class _NotKernelized:
+    """The ``kernel_layer_name`` of every scaled norm class: reading it raises AttributeError.
+
+    The ``kernels`` library (``kernelize``, and transformers' ``use_kernels``, which is on by default
+    when ``kernels`` is installed) replaces the forward of every module whose class has a
+    ``kernel_layer_name`` with a hub kernel for that name. The stock norm classes carry ``"RMSNorm"``;
+    inherited, it would swap the scaled forward for a kernel that reads the stored, unscaled weight, and
+    the model would compute the stock function without a word. With the name unreadable, ``hasattr``
+    is False on the class and its instances, so kernelize (every version) leaves these norms alone and
+    kernelizes the rest of the model.
+    """
+
+    def __get__(self, instance, owner=None):
+        raise AttributeError("kernel_layer_name")
+
+
+def _drop_kernel_forward(module: nn.Module) -> None:
+    # kernelize installs a kernel as an instance attribute ``forward`` (and records its repository in
+    # ``_kernel_repo``); on a norm that was kernelized before it was scaled, that attribute would bypass
+    # the scaled class's forward.
+    if "_kernel_repo" in module.__dict__:
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop("_kernel_repo", None)
+
+
 def _extra_repr(self):
     base = super(type(self), self).extra_repr()
     return f"{base}, lns_scale={self.lns_scale:.6g}" if base else f"lns_scale={self.lns_scale:.6g}"
@@ -235,7 +260,8 @@ def scaled_norm_class(base: type, kind: str) -> type:
     """The subclass of ``base`` whose forward applies ``self.lns_scale`` (one class per base and kind).
 
     It keeps the base's name inside its own (``LNSLlamaRMSNorm``), so ``isinstance`` checks and
-    transformers' name-based weight initialisation treat it exactly like the stock norm.
+    transformers' name-based weight initialisation treat it exactly like the stock norm. Hub kernels
+    that replace norms by their ``kernel_layer_name`` do not (see ``_NotKernelized``).
     """
     kind = canonical_kind(kind)
     if kind not in _FORWARDS:
@@ -243,7 +269,8 @@ def scaled_norm_class(base: type, kind: str) -> type:
     key = (base, kind)
     if key not in _SCALED_CLASSES:
         name = f"LNS{base.__name__}"
-        cls = type(name, (base,), {"forward": _FORWARDS[kind], "extra_repr": _extra_repr, "lns_kind": kind})
+        cls = type(name, (base,), {"forward": _FORWARDS[kind], "extra_repr": _extra_repr, "lns_kind": kind,
+                                   "kernel_layer_name": _NotKernelized()})
         cls.__module__ = __name__
         cls.__qualname__ = name
         globals().setdefault(name, cls)  # picklable by name
@@ -285,6 +312,7 @@ def apply_scaling(model: nn.Module, lns: dict) -> nn.Module:
             if not norms:
                 kind = exact_kind(module, lns["norm_kind"])
                 module.__class__ = scaled_norm_class(type(module), kind)
+                _drop_kernel_forward(module)
                 norms = [module]
             for norm in norms:
                 norm.lns_scale = layer_scale(index, alpha)
@@ -322,6 +350,38 @@ def share_weight_conversions(base_model_type: str, base_class_names=()) -> None:
         mapping = get_checkpoint_conversion_mapping(base_key)
         if mapping is not None:
             register_checkpoint_conversion_mapping(lns_key, mapping, overwrite=True)
+
+
+def share_peft_targets(base_model_type: str) -> None:
+    """Let PEFT choose the same modules to adapt on an LNS model as on the stock one.
+
+    PEFT looks tables up by ``config.model_type``: each method's default ``target_modules`` and, for
+    transformers 5's fused mixture-of-experts layers, what ``"all-linear"`` means (the experts and the
+    router are no longer ``nn.Linear``; PEFT's copy of transformers' conversion-pattern table says
+    which parameters stand for them). An unknown type gets no default and attention-only LoRA from
+    "all-linear", silently. ``lns_<base>`` gets ``<base>``'s entry in every such table that has one,
+    so a family PEFT does not map stays unmapped, exactly as the stock model. PEFT is imported here,
+    if it is installed at all, because its tables are filled when it is imported; the model_type
+    itself stays ``lns_<base>`` (reusing the base's would let the checkpoint load as the stock model).
+    """
+    lns_type = lns_model_type(base_model_type)
+    try:  # imports in a try block are optional for transformers' remote-code import check
+        from peft.utils import constants
+    except Exception:  # no PEFT, or one that does not import with this transformers: nothing to tell it
+        return
+    tables = [table for name, table in vars(constants).items()
+              if name.startswith("TRANSFORMERS_MODELS_TO_") and isinstance(table, dict)]
+    try:
+        from peft.utils import transformers_weight_conversion
+    except Exception:  # transformers 4, or a PEFT without fused-expert support
+        pass
+    else:
+        pattern = getattr(transformers_weight_conversion, "_MODEL_TO_CONVERSION_PATTERN", None)
+        if isinstance(pattern, dict):
+            tables.append(pattern)
+    for table in tables:
+        if base_model_type in table:
+            table[lns_type] = table[base_model_type]
 
 
 # --- the model classes --------------------------------------------------------------------------
@@ -382,9 +442,10 @@ the stock ones.
 {imports}
 
 from .configuration_lns import {lns_config_class}
-from .lns_layers import LayerNormScalingMixin, share_weight_conversions
+from .lns_layers import LayerNormScalingMixin, share_peft_targets, share_weight_conversions
 
 share_weight_conversions("{base_model_type}", {base_class_names!r})
+share_peft_targets("{base_model_type}")
 '''
 
 _MODELING_CLASS = '''
