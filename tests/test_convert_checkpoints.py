@@ -27,6 +27,7 @@ def _greedy(model, tokenizer, steps=30):
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
+@pytest.mark.floor
 def test_stories260k_converts_and_loads_in_a_fresh_process(stories_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

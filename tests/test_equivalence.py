@@ -36,6 +36,7 @@ def _max_diff(a, b) -> float:
     return (a - b).abs().max().item()
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_in_memory_scaling_matches_reference(model_type):
     stock = tiny_model(model_type)
@@ -59,6 +60,7 @@ def test_in_memory_scaling_matches_reference(model_type):
     assert torch.equal(_logits(lns_surgery.apply_layernorm_scaling(lns), ids), scaled)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_checkpoint_modes_match_reference(model_type, tmp_path):
     stock = tiny_model(model_type)

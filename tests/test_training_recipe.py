@@ -11,11 +11,14 @@ from click.testing import CliRunner
 
 from lns_surgery.cli import main
 from lns_surgery.core.errors import LNSError
-from lns_surgery.training.recipe import parse_recipe, recipe_from_dict
+from lns_surgery.training.recipe import RENAMED_KEYS, _installed_names, _parser, parse_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
 ACCELERATE = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
+
+# Parsing depends on the fields TRL and transformers define, which change between versions.
+pytestmark = pytest.mark.floor
 
 
 def _write(tmp_path, text: str, name: str = "recipe.yaml") -> Path:
@@ -99,13 +102,19 @@ def test_env_block_is_exported(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_recipe_parses(recipe):
+    import torch
+
     command = _command_of(recipe)
     assert command in ("sft", "pretrain")
-    parsed = parse_recipe([], command, recipe)
+    data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    # transformers refuses bf16 on a machine without a GPU unless told the run is on the CPU
+    on_cpu = ["--use_cpu", "true"] if data.get("bf16") and not torch.cuda.is_available() else []
+    parsed = parse_recipe(on_cpu, command, recipe)
     assert parsed.args.dataset_name and parsed.training.output_dir
     assert parsed.model.model_name_or_path or parsed.args.init_preset
-    data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    installed = _installed_names(_parser())
     for key, value in data.items():  # every key took effect on one of the three parts
+        key = installed.get(key, key)
         part = next(p for p in parsed.as_tuple() if hasattr(p, key))
         got = getattr(part, key)
         if isinstance(value, (int, float, str, bool)) and not isinstance(got, (list, dict)):
@@ -129,7 +138,8 @@ def test_accelerate_configs_load(config):
     from accelerate.commands.config.config_args import load_config_from_file
 
     loaded = load_config_from_file(str(config))
-    expected = {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "zero3.yaml": "DEEPSPEED"}[config.name]
+    expected = {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "zero3.yaml": "DEEPSPEED",
+                "multinode-ddp.yaml": "MULTI_GPU", "multinode-fsdp.yaml": "FSDP"}[config.name]
     assert str(loaded.distributed_type).endswith(expected)
 
 
@@ -156,3 +166,104 @@ def test_cli_resume_without_checkpoints_fails_cleanly(tmp_path):
     assert result.exit_code == 2
     assert "nothing to resume" in result.output
     assert not out.exists()
+
+
+def test_gpu_recipes_compute_in_bf16_and_cpu_recipes_in_fp32():
+    for recipe in RECIPES:
+        data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+        if data.get("use_cpu"):
+            assert not data.get("bf16") and data.get("dtype", "float32") == "float32", recipe.name
+        else:
+            assert data.get("bf16") is True, recipe.name
+            # LoRA trains fp32 adapters on a frozen base, which may load in bf16; full fine-tuning keeps fp32
+            # weights, whose small updates bf16 would round away
+            expected = "bfloat16" if data.get("use_peft") else "float32"
+            assert data.get("dtype", "float32") == expected, recipe.name
+
+
+@pytest.mark.parametrize("old, new", RENAMED_KEYS)
+@pytest.mark.parametrize("spelling", ["old", "new"])
+def test_renamed_keys_work_in_either_spelling(tmp_path, old, new, spelling):
+    """transformers 5.23 renamed gradient_checkpointing to activation_checkpointing: a recipe written for
+    either side of the rename parses at every supported version."""
+    key = old if spelling == "old" else new
+    installed = _installed_names(_parser())[key]
+    value = {"use_reentrant": False} if key.endswith("kwargs") else False  # TRL's own default is on
+    assert getattr(recipe_from_dict({key: value}).training, installed) == value
+    assert getattr(parse_recipe([], "sft", _write(tmp_path, yaml.safe_dump({key: value}))).training, installed) == value
+
+
+@pytest.mark.parametrize("flag", ["--gradient_checkpointing", "--activation_checkpointing", "--activation-checkpointing"])
+def test_renamed_flags_work_in_either_spelling(flag):
+    assert parse_recipe([flag, "false"], "sft").training.gradient_checkpointing is False
+    assert parse_recipe([f"{flag}=false"], "sft").training.gradient_checkpointing is False
+
+
+def test_both_spellings_of_a_renamed_key_must_agree():
+    # a run's recipe.yaml written under transformers >= 5.23 holds both names with one value
+    assert recipe_from_dict({"gradient_checkpointing": False, "activation_checkpointing": False}
+                            ).training.gradient_checkpointing is False
+    with pytest.raises(LNSError, match="gradient_checkpointing and activation_checkpointing are one setting "
+                                       r"\(transformers renamed it\) but have different values"):
+        recipe_from_dict({"gradient_checkpointing": True, "activation_checkpointing": False})
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("key, value, wanted", [
+    ("learning_rate", INF, "a finite number"),
+    ("learning_rate", NAN, "a finite number"),
+    ("learning_rate", -1e-4, "> 0"),
+    ("learning_rate", 0, "> 0"),
+    ("weight_decay", -0.1, ">= 0"),
+    ("weight_decay", NAN, "a finite number"),
+    ("warmup_steps", INF, "a finite number"),
+    ("max_grad_norm", -1.0, r">= 0 \(0: no clipping\)"),
+    ("max_grad_norm", INF, "a finite number"),
+    ("adam_beta1", 1.0, r"in \[0, 1\)"),
+    ("adam_beta2", -0.5, r"in \[0, 1\)"),
+    ("adam_epsilon", 0.0, "> 0"),
+    ("adam_epsilon", NAN, "a finite number"),
+    ("lora_r", 0, ">= 1"),
+    ("lora_alpha", 0, "> 0"),
+    ("lora_dropout", 1.0, r"in \[0, 1\)"),
+    ("max_steps", -5, r"-1 \(train by epochs\) or > 0"),
+    ("max_steps", 0, r"-1 \(train by epochs\) or > 0"),
+    ("num_train_epochs", 0, "> 0"),
+    ("num_train_epochs", INF, "a finite number"),
+    ("per_device_train_batch_size", 0, ">= 1"),
+    ("per_device_eval_batch_size", 0, ">= 1"),
+    ("gradient_accumulation_steps", 0, ">= 1"),
+    ("eval_fraction", NAN, "a finite number"),
+    ("eval_fraction", 1.0, r"in \[0, 1\)"),
+    ("distill_weight", INF, "a finite number"),
+    ("distill_weight", 1.5, r"in \[0, 1\]"),
+    ("distill_temperature", INF, "a finite number"),
+    ("distill_temperature", 0.0, "> 0"),
+    ("lns_ramp_steps", -1, ">= 0"),
+])
+def test_out_of_range_values_are_refused_when_parsed(tmp_path, key, value, wanted):
+    message = f"^recipe key '{key}' must be {wanted}, got "
+    with pytest.raises(LNSError, match=message):
+        recipe_from_dict({key: value})
+    recipe = _write(tmp_path, yaml.safe_dump({key: value}))  # YAML's .inf / .nan
+    with pytest.raises(LNSError, match=message):
+        parse_recipe([], "sft", recipe)
+
+
+@pytest.mark.parametrize("key, value", [("learning_rate", 1e-12), ("max_steps", -1), ("max_steps", 1),
+                                        ("max_grad_norm", 0.0), ("adam_beta2", 0.0), ("lora_dropout", 0.0),
+                                        ("distill_weight", 1.0), ("warmup_steps", 0.5)])
+def test_edge_values_that_train_are_accepted(key, value):
+    recipe = recipe_from_dict({key: value})
+    assert getattr(next(p for p in recipe.as_tuple() if hasattr(p, key)), key) == value
+
+
+def test_cli_refuses_a_non_finite_learning_rate_in_one_line(tmp_path):
+    path = _write(tmp_path, "model_name_or_path: m\ndataset_name: d.jsonl\nlearning_rate: .inf\n"
+                            f"output_dir: {tmp_path / 'out'}\n")
+    result = CliRunner().invoke(main, ["sft", "--recipe", str(path)])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: recipe key 'learning_rate' must be a finite number, got inf"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.incomplete").exists()

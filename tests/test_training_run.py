@@ -63,6 +63,7 @@ def _base(stories_path, tmp_path, **extra):
             "seed": 0, **extra}
 
 
+@pytest.mark.floor
 @pytest.mark.slow
 def test_lora_sft_merged_export(stories_path, tmp_path):
     alpaca = shared_path("data/alpaca/alpaca_first100.json")

@@ -20,6 +20,57 @@ FORMATS = ("auto", "text", "alpaca", "messages", "prompt_completion")
 EXPORTS = ("both", "merged", "adapter")
 HEAL_NORMS = ("train", "freeze")
 
+# Keys transformers renamed, as (old, new). transformers 5.23 renamed gradient checkpointing to activation
+# checkpointing and kept the old names as deprecated aliases (to be removed in v6); 5.17-5.22 know only
+# the old names. A recipe may use either spelling at every supported version: each is passed on under
+# the name the installed TrainingArguments defines, the new one where it exists.
+RENAMED_KEYS = (
+    ("gradient_checkpointing", "activation_checkpointing"),
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+)
+
+# Values the libraries accept but that cannot train (a learning rate of -1 or NaN fails deep inside the
+# optimizer, max_steps: -5 silently trains by epochs, lora_r: 0 fails in PEFT): refused when the recipe
+# is parsed, before any work. Rows: key, whether a value is valid, what a valid value is. Every number in
+# a recipe must also be finite. A key the installed libraries do not define is skipped.
+VALUE_RANGES = (
+    ("learning_rate", lambda v: v > 0, "> 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("warmup_steps", lambda v: v >= 0, ">= 0 (a number of steps, or a fraction of them below 1)"),
+    ("max_grad_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_epsilon", lambda v: v > 0, "> 0"),
+    ("lora_r", lambda v: v >= 1, ">= 1"),
+    ("lora_alpha", lambda v: v > 0, "> 0"),
+    ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("max_steps", lambda v: v == -1 or v > 0, "-1 (train by epochs) or > 0"),
+    ("num_train_epochs", lambda v: v > 0, "> 0"),
+    ("per_device_train_batch_size", lambda v: v >= 1, ">= 1"),
+    ("per_device_eval_batch_size", lambda v: v >= 1, ">= 1"),
+    ("gradient_accumulation_steps", lambda v: v >= 1, ">= 1"),
+    ("eval_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("lns_ramp_steps", lambda v: v >= 0, ">= 0"),
+    ("distill_weight", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("distill_temperature", lambda v: v > 0, "> 0"),
+)
+
+
+def check_values(part) -> None:
+    """Refuse a non-finite number, or a value outside ``VALUE_RANGES``, in one parsed recipe part."""
+    import dataclasses
+    import math
+
+    ranges = {key: (valid, wanted) for key, valid, wanted in VALUE_RANGES}
+    for field_ in dataclasses.fields(part):
+        value = getattr(part, field_.name, None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # other types are _check_value_types' business
+        if not math.isfinite(value):
+            raise LNSError(f"recipe key '{field_.name}' must be a finite number, got {value}")
+        if field_.name in ranges and not ranges[field_.name][0](value):
+            raise LNSError(f"recipe key '{field_.name}' must be {ranges[field_.name][1]}, got {value}")
+
 
 @dataclass
 class RecipeArguments:
@@ -99,14 +150,7 @@ class RecipeArguments:
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint of an interrupted run."})
 
     def __post_init__(self):
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.lns_ramp_steps < 0:
-            raise ValueError(f"lns_ramp_steps must be >= 0, got {self.lns_ramp_steps}")
-        if not 0.0 <= self.distill_weight <= 1.0:
-            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
-        if not self.distill_temperature > 0.0:
-            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        check_values(self)
         # argparse checks "choices" on the command line only; a YAML value arrives as a default.
         if self.export not in EXPORTS:
             raise ValueError(f"export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
@@ -188,9 +232,63 @@ def _read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def _known_keys(parser) -> set[str]:
+    return {action.dest for action in parser._actions}
+
+
 def _unknown_keys(parser, keys) -> list[str]:
-    known = {action.dest for action in parser._actions} | {"env"}
-    return [key for key in keys if key not in known]
+    known = _known_keys(parser) | {"env"}
+    names = _installed_names(parser)
+    return [key for key in keys if names.get(key, key) not in known]
+
+
+def _installed_names(parser) -> dict[str, str]:
+    """Both spellings of each renamed key -> the one this parser (the installed TrainingArguments) knows."""
+    known = _known_keys(parser)
+    names = {}
+    for old, new in RENAMED_KEYS:
+        installed = new if new in known else old
+        names[old] = names[new] = installed
+    return names
+
+
+def _rename_keys(parser, settings: dict, where: str) -> dict:
+    """``settings`` with each renamed key under its installed name. Both spellings may appear (a run's
+    ``recipe.yaml`` written by transformers >= 5.23 holds both) but must then agree."""
+    names = _installed_names(parser)
+    renamed: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    for key, value in settings.items():
+        name = names.get(key, key)
+        if name in renamed and renamed[name] != value:
+            raise LNSError(f"{where}: {given[name]} and {key} are one setting (transformers renamed it) "
+                           "but have different values; give one")
+        renamed[name], given[name] = value, key
+    return renamed
+
+
+def _rename_flags(parser, argv: list[str]) -> list[str]:
+    names = _installed_names(parser)
+    renamed = []
+    for token in argv:
+        if token.startswith("--"):
+            name, sep, value = token[2:].partition("=")
+            key = name.replace("-", "_")
+            if key in names:
+                token = f"--{names[key]}{sep}{value}"
+        renamed.append(token)
+    return renamed
+
+
+def _set_recipe(parser, settings: dict) -> None:
+    """Make ``settings`` the parser's defaults (command-line flags still win), after exporting its ``env``."""
+    settings = dict(settings)
+    env = settings.pop("env", None) or {}
+    if not isinstance(env, dict):
+        raise LNSError(f"recipe key 'env' must be a mapping of variable names to values, not a {type(env).__name__}")
+    for key, value in env.items():
+        os.environ[key] = str(value)
+    parser.set_defaults_with_config(**settings)
 
 
 def _finish(parser, command: str, parse) -> Recipe:
@@ -207,6 +305,7 @@ def _finish(parser, command: str, parse) -> Recipe:
         raise LNSError(f"invalid recipe: {first_line(exc)}") from None
     for part in (args, training, model):
         _check_value_types(part)
+        check_values(part)
     if command == "pretrain" and args.dataset_format == "auto":
         args.dataset_format = "text"
     if training.include_num_input_tokens_seen == "no":  # tokens seen and tokens/s belong in every run's metrics
@@ -247,20 +346,22 @@ def _check_value_types(part) -> None:
 
 def parse_recipe(argv: list[str] | None = None, command: str = "sft", recipe: str | os.PathLike | None = None) -> Recipe:
     """Parse ``--flag value`` arguments (and the YAML ``recipe``; flags win) into a :class:`Recipe`."""
-    argv = list(argv or [])
     parser = _parser()
     parser.set_defaults_with_config(**command_defaults(command))
+    argv = _rename_flags(parser, list(argv or []))
     if recipe is not None:
         data = _read_yaml(recipe)
         unknown = _unknown_keys(parser, data)
         if unknown:
             raise LNSError(f"unknown key{'s' if len(unknown) > 1 else ''} in recipe '{recipe}': {', '.join(unknown)}")
-        argv = ["--config", os.fspath(recipe), *argv]
+        data = _rename_keys(parser, data, f"recipe '{recipe}'")
     for token in argv:  # name unknown flags ourselves: HfArgumentParser's message lists every remaining token
         if token.startswith("--") and token != "--config":
             name = token[2:].split("=", 1)[0]
             if _unknown_keys(parser, [name]) and _unknown_keys(parser, [name.replace("-", "_")]):
                 raise LNSError(f"unknown option --{name}")
+    if recipe is not None:
+        _set_recipe(parser, data)
     return _finish(parser, command, lambda: parser.parse_args_and_config(argv))
 
 
@@ -273,8 +374,5 @@ def recipe_from_dict(settings: dict, command: str = "sft") -> Recipe:
     unknown = _unknown_keys(parser, settings)
     if unknown:
         raise LNSError(f"unknown recipe key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
-    settings = dict(settings)
-    for key, value in settings.pop("env", {}).items():
-        os.environ[key] = str(value)
-    parser.set_defaults_with_config(**settings)
+    _set_recipe(parser, _rename_keys(parser, settings, "the settings"))
     return _finish(parser, command, lambda: parser.parse_args_into_dataclasses(args=[]))
