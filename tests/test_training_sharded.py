@@ -7,7 +7,6 @@ import importlib.util
 import json
 import shutil
 import subprocess
-import textwrap
 
 import pytest
 import torch
@@ -22,108 +21,9 @@ NUM_LAYERS = 5  # stories260K
 RAMP_STEPS, MAX_STEPS = 2, 3
 LORA = {"use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}  # dropout would differ per rank
 
-# Runs on each rank: full fine-tuning, then LoRA, each rank writing what it saw to rank<r>-<mode>.json.
-_RANK_SCRIPT = """
-import json, os, re, sys
-
-from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DistributedType
-
-launcher, settings, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-
-# accelerate (1.16) sets up FSDP and DeepSpeed only on GPU-like devices: on CPU a run with an FSDP plugin
-# stays MULTI_CPU (DDP; lns-surgery refuses that), and DeepSpeed is skipped under use_cpu and finds no
-# backend without it. Each patch makes the one decision accelerate makes on a GPU, for CPU and gloo;
-# everything after it (fully_shard per block, ZeRO-3 partitioning, the collectives, gathering the full
-# state dict, the Trainer's save paths) is accelerate's, DeepSpeed's and transformers' own code.
-if launcher == "fsdp":
-    _accelerator_state_init = AcceleratorState.__init__
-
-    def _init_with_cpu_fsdp(self, *args, fsdp_plugin=None, **kwargs):
-        _accelerator_state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-    AcceleratorState.__init__ = _init_with_cpu_fsdp
-else:
-    _prepare_backend = PartialState._prepare_backend
-
-    def _prepare_cpu_backend(self, cpu=False, sagemaker_dp=False, backend=None):
-        backend, distributed_type = _prepare_backend(self, cpu, sagemaker_dp, backend)
-        if distributed_type == DistributedType.NO and int(os.environ.get("LOCAL_RANK", -1)) != -1:
-            return "gloo", DistributedType.MULTI_CPU  # DeepSpeed's CPU accelerator talks gloo too
-        return backend, distributed_type
-
-    PartialState._prepare_backend = _prepare_cpu_backend
-
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
-from transformers import TrainerCallback
-
-from lns_surgery.training import models
-from lns_surgery.training.run import _is_sharded_or_quantized, train_from_dict
-
-load_calls = []
-_load_model = models.load_model
-
-
-def counting_load_model(*args, **kwargs):
-    load_calls.append(1)
-    return _load_model(*args, **kwargs)
-
-
-models.load_model = counting_load_model  # the merged-LoRA rebuild loads the base a second time
-
-
-def lns_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def scales(model):
-    model = lns_model(model)
-    found = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "lns_scale"):
-            layer = int(re.search(r"layers\\.(\\d+)\\.", name).group(1))
-            found[name] = [layer, module.lns_scale, hasattr(type(module), "lns_kind")]
-    return {"alpha": model.config.lns["alpha"], "norms": found}
-
-
-class Record(TrainerCallback):
-    def __init__(self):
-        self.seen = {}
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        params = list(model.parameters())
-        blocks = lns_model(model).model.layers
-        self.seen.update(
-            params=len(params), dtensor_params=sum(isinstance(p, DTensor) for p in params),
-            partitioned_params=sum(hasattr(p, "ds_id") and p.numel() == 0 for p in params),
-            sharded_blocks=sum(isinstance(block, FSDPModule) for block in blocks),
-            block_classes=sorted({type(block).__name__ for block in blocks}),
-            distributed_type=AcceleratorState().distributed_type.value, steps=[scales(model)])
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.seen["steps"].append(scales(model))
-
-
-for mode, extra in (("full", {}), ("lora", json.loads(sys.argv[4]))):
-    load_calls.clear()
-    record = Record()
-    result = train_from_dict({**settings, **extra, "output_dir": os.path.join(out, mode)}, "pretrain",
-                             callbacks=[record])
-    final = list(result.model.parameters()) if result.model is not None else None
-    record.seen.update(
-        is_fsdp_enabled=result.trainer.is_fsdp_enabled, is_deepspeed_enabled=result.trainer.is_deepspeed_enabled,
-        rebuilds=_is_sharded_or_quantized(result.trainer), load_calls=len(load_calls),
-        final_class=type(result.model).__name__ if final is not None else None,
-        final_whole=None if final is None else all(
-            not isinstance(p, DTensor) and not hasattr(p, "ds_id") and p.numel() > 0 for p in final))
-    with open(os.path.join(out, f"rank{os.environ['RANK']}-{mode}.json"), "w") as handle:
-        json.dump(record.seen, handle)
-"""
+# Runs on each rank: full fine-tuning, then LoRA, each rank writing what it saw to rank<r>-<mode>.json
+# (scripts/gpu_check.sh launches the same script on one GPU).
+RANK_SCRIPT = REPO_ROOT / "scripts" / "sharded_rank.py"
 
 
 def _settings(stories_path, **extra):
@@ -158,14 +58,12 @@ def one_process(tmp_path_factory):
 def _launch(launcher, settings, tmp_path):
     if shutil.which("accelerate") is None:
         pytest.skip("the accelerate launcher is not on PATH")
-    script = tmp_path / "rank.py"
-    script.write_text(textwrap.dedent(_RANK_SCRIPT))
     runs = tmp_path / launcher
     runs.mkdir()
     launched = subprocess.run(
         ["accelerate", "launch", "--config_file", str(REPO_ROOT / f"recipes/accelerate/{launcher}.yaml"),
          "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0",
-         str(script), launcher, json.dumps(settings), str(runs), json.dumps(LORA)],
+         str(RANK_SCRIPT), launcher, json.dumps(settings), str(runs), json.dumps(LORA)],
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-4000:]
     return runs, {mode: [json.loads((runs / f"rank{rank}-{mode}.json").read_text()) for rank in (0, 1)]

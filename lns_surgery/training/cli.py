@@ -45,7 +45,8 @@ def _run(command: str, recipe, resume: bool, overwrite: bool, extra: list[str], 
 
         publish(result.output_dir, push_to_hub)
     if result.trainer is not None:
-        result.trainer.end()  # finish the trackers and the process group
+        # finish the trackers and the process group: what Trainer.end() does (transformers 5.17 has no end())
+        result.trainer.accelerator.end_training()
 
 
 _RECIPE_HELP = "YAML recipe; any recipe key can also be given as --key value and overrides the file."
