@@ -53,8 +53,13 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, **kwargs):
         raise LNSError(f"'{path}' is built on custom code; pass trust_remote_code=True")
     from huggingface_hub.errors import StrictDataclassError
 
+    from pickle import UnpicklingError
+
     try:
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (UnpicklingError, EOFError) as exc:  # a pytorch_model.bin that is not plain tensors, or damaged
+        raise LNSError(f"could not load a model from '{path}': its pickled weights (pytorch_model.bin) cannot be read "
+                       f"safely ({first_line(exc)}); give a safetensors checkpoint") from None
     except (OSError, ValueError, TypeError, ImportError, StrictDataclassError) as exc:
         if "trust_remote_code" in str(exc) and not trust_remote_code:
             raise LNSError(f"'{path}' is defined by code inside the checkpoint; pass --trust-remote-code to run it "

@@ -474,6 +474,233 @@ CASES = [
 ]
 
 
+# --- output ownership: --overwrite replaces only what lns-surgery wrote, as it wrote it ----------------
+
+
+def _earlier_conversion(p, relative: str = "out") -> Path:
+    import lns_surgery
+
+    return lns_surgery.convert(p.stock, p.root / relative)
+
+
+def _convert_overwrite_of_an_output_a_file_was_added_to(p):
+    out = _earlier_conversion(p)
+    (out / "notes.txt").write_text("mine")
+    return ["convert", str(p.model("m")), "--out", str(out), "--overwrite"]
+
+
+def _convert_overwrite_of_a_copy_a_file_was_added_to(p):
+    copy = p.root / "copy"
+    shutil.copytree(_earlier_conversion(p), copy, copy_function=shutil.copyfile)  # as `cp -r` copies
+    (copy / "notes.txt").write_text("mine")
+    return ["convert", str(p.model("m")), "--out", str(copy), "--overwrite"]
+
+
+def _convert_overwrite_of_an_output_with_a_changed_file(p):
+    out = _edit_config(_earlier_conversion(p), max_position_embeddings=4096)  # tuned by hand
+    return ["convert", str(p.model("m")), "--out", str(out), "--overwrite", "--mode", "fold"]
+
+
+def _analyze_overwrite_of_a_folder_with_a_planted_marker(p):
+    folder = p.foreign_folder("thesis")
+    (folder / MARKER_NAME).write_text("")
+    return _analyze(p.model("m"), p.text("data.txt"), folder, "--overwrite")
+
+
+def _init_overwrite_of_an_old_format_output(p):
+    out = p.earlier_output("old")  # a bare marker, as earlier versions wrote: no list of what it wrote
+    (out / "model.safetensors").write_bytes(b"weights")
+    config = p.root / "tiny.json"
+    config.write_text(json.dumps({"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                                  "num_attention_heads": 2, "vocab_size": 64}))
+    return ["init", "--config", str(config), "--out", str(out), "--overwrite"]
+
+
+def _sft_overwrite_of_an_output_a_file_was_added_to(p):
+    out = _earlier_conversion(p, "trained")
+    (out / "notes.txt").write_text("mine")
+    return ["sft", "--recipe", str(p.recipe(p.model("m"), p.text("data.txt"))), "--output_dir", str(out), "--overwrite"]
+
+
+def _demo_overwrite_of_an_output_a_file_was_added_to(p):
+    out = _earlier_conversion(p, "demo")
+    (out / "notes.txt").write_text("mine")
+    return ["demo", "--out", str(out), "--overwrite"]
+
+
+def _convert_while_another_run_writes_out(p):
+    lock = p.root / ".out.lns-lock"
+    lock.write_text("")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1]); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+                               str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    p.cleanups.append(lambda: holder.communicate("", timeout=60))
+    return ["convert", str(p.model("m")), "--out", str(p.root / "out")]
+
+
+CASES += [
+    Case("convert-overwrite-of-an-output-a-file-was-added-to", _convert_overwrite_of_an_output_a_file_was_added_to,
+         "did not write (notes.txt)"),
+    Case("convert-overwrite-of-a-copy-a-file-was-added-to", _convert_overwrite_of_a_copy_a_file_was_added_to,
+         "did not write (notes.txt)"),
+    Case("convert-overwrite-of-an-output-with-a-changed-file", _convert_overwrite_of_an_output_with_a_changed_file,
+         "changed since lns-surgery wrote them (config.json)"),
+    Case("analyze-overwrite-of-a-folder-with-a-planted-marker", _analyze_overwrite_of_a_folder_with_a_planted_marker,
+         "delete the folder by hand"),
+    Case("init-overwrite-of-an-old-format-output", _init_overwrite_of_an_old_format_output, "delete the folder by hand"),
+    Case("sft-overwrite-of-an-output-a-file-was-added-to", _sft_overwrite_of_an_output_a_file_was_added_to,
+         "did not write (notes.txt)"),
+    Case("demo-overwrite-of-an-output-a-file-was-added-to", _demo_overwrite_of_an_output_a_file_was_added_to,
+         "did not write (notes.txt)"),
+    Case("convert-while-another-run-writes-out", _convert_while_another_run_writes_out, "is writing"),
+]
+
+
+# --- records re-proved, copies checked, reading bounded, one line for each mistake -------------------
+
+
+def _folded(p, relative: str = "folded") -> Path:
+    import lns_surgery
+
+    return lns_surgery.convert(p.stock, p.root / relative, mode="fold")
+
+
+def _fold_record_names_another_fold_rule(p):
+    model = _edit_config(p.model("m", "lns"), **{"lns.fold_rule": "one_plus"})
+    return ["fold", str(model), "--out", str(p.root / "out")]
+
+
+def _push_folded_record_with_nonsense_scales(p):
+    return ["push", str(_edit_config(_folded(p), **{"lns_folded.scales": [1.0, -3.0, 7.0]})), "--repo-id", REPO_ID,
+            "--dry-run"]
+
+
+def _analyze_folded_record_with_scales_its_alpha_does_not_give(p):
+    model = _edit_config(_folded(p), **{"lns_folded.scales": [1.0, 0.5, 0.5, 0.5, 0.5]})
+    return _analyze(model, p.text("data.txt"), p.root / "out")
+
+
+def _fold_config_claims_fewer_blocks_than_the_weights(p):
+    return ["fold", str(_edit_config(p.model("m", "lns"), num_hidden_layers=4)), "--out", str(p.root / "out")]
+
+
+def _convert_config_claims_more_blocks_than_the_weights(p):
+    model = _edit_config(p.model("m"), num_hidden_layers=6)
+    return ["convert", str(model), "--out", str(p.root / "out"), "--mode", "fold"]
+
+
+def _weights_changed_during_the_copy(command: str):
+    """Another program truncates the shard while it is copied, and puts it back afterwards."""
+    def setup(p):
+        from lns_surgery.core import checkpoint
+
+        original = checkpoint.copy_file
+
+        def copy_file(source, target, link="auto"):
+            how = original(source, target, link="copy")
+            if target.name.endswith(".safetensors"):
+                with open(target, "r+b") as handle:
+                    handle.truncate(target.stat().st_size // 2)
+            return how
+
+        p.monkeypatch.setattr(checkpoint, "copy_file", copy_file)
+        model = p.model("m", "lns" if command == "fold" else "stock")
+        return [command, str(model), "--out", str(p.root / "out")]
+    return setup
+
+
+def _record_over_the_bound(p) -> Path:
+    from lns_surgery.core.records import MAX_RECORD_BYTES
+
+    data = p.root / "data.jsonl"
+    with open(data, "w") as handle:
+        handle.write('{"text": "Once upon a time."}\n{"text": "')
+        handle.write("a" * (MAX_RECORD_BYTES + 1))
+        handle.write('"}\n')
+    return data
+
+
+def _analyze_jsonl_record_over_the_bound(p):
+    return _analyze(p.model("m"), _record_over_the_bound(p), p.root / "out", "--max-tokens", "1000000")
+
+
+def _sft_jsonl_record_over_the_bound(p):
+    recipe = p.recipe(p.model("m"), _record_over_the_bound(p))
+    return ["sft", "--recipe", str(recipe), "--output_dir", str(p.root / "out")]
+
+
+def _analyze_nul_bytes(p):
+    data = p.root / "data.txt"
+    data.write_bytes(b"\0" * 1_000_000)
+    return _analyze(p.model("m"), data, p.root / "out")
+
+
+def _fold_config_field_of_the_wrong_type(p):
+    return ["fold", str(_edit_config(p.model("m", "lns"), num_hidden_layers="5")), "--out", str(p.root / "out")]
+
+
+def _symlink_loop(p, kind: str) -> Path:
+    model = p.model("m", kind)
+    (model / "notes.txt").symlink_to(model / "more-notes.txt")
+    (model / "more-notes.txt").symlink_to(model / "notes.txt")
+    return model
+
+
+def _convert_input_holds_a_symlink_loop(p):
+    return ["convert", str(_symlink_loop(p, "stock")), "--out", str(p.root / "out")]
+
+
+def _push_folder_holds_a_symlink_loop(p):
+    return ["push", str(_symlink_loop(p, "lns")), "--repo-id", REPO_ID, "--dry-run"]
+
+
+def _analyze_pickle_only_checkpoint(p):
+    import torch
+
+    model = p.model("m")
+    (model / "model.safetensors").unlink()
+    torch.save(torch.nn.Linear(2, 2), model / "pytorch_model.bin")  # a pickled module, not a state dict
+    return _analyze(model, p.text("data.txt"), p.root / "out")
+
+
+def _config_is_a_json_list(command: str):
+    def setup(p):
+        model = p.model("m")
+        (model / "config.json").write_text("[1, 2, 3]")
+        if command == "analyze":
+            return _analyze(model, p.text("data.txt"), p.root / "out")
+        return [command, str(model), "--out", str(p.root / "out")]
+    return setup
+
+
+CASES += [
+    Case("fold-record-names-another-fold-rule", _fold_record_names_another_fold_rule, "own math needs 'scale'"),
+    Case("push-folded-record-with-nonsense-scales", _push_folded_record_with_nonsense_scales, "'lns_folded.scales'"),
+    Case("analyze-folded-record-with-scales-its-alpha-does-not-give",
+         _analyze_folded_record_with_scales_its_alpha_does_not_give, "but its alpha 1.0 gives"),
+    Case("fold-config-claims-fewer-blocks-than-the-weights", _fold_config_claims_fewer_blocks_than_the_weights,
+         "the weight files hold block 4"),
+    Case("convert-config-claims-more-blocks-than-the-weights", _convert_config_claims_more_blocks_than_the_weights,
+         "hold no tensor of block 5"),
+    Case("convert-shard-truncated-during-the-copy", _weights_changed_during_the_copy("convert"),
+         "'model.safetensors' changed while it was being copied"),
+    Case("fold-shard-truncated-during-the-copy", _weights_changed_during_the_copy("fold"),
+         "'model.safetensors' changed while it was being copied"),
+    Case("analyze-jsonl-record-over-the-bound", _analyze_jsonl_record_over_the_bound,
+         "data.jsonl, line 2: the record is over 64 MB"),
+    Case("sft-jsonl-record-over-the-bound", _sft_jsonl_record_over_the_bound, "data.jsonl, line 2: the record is over 64 MB"),
+    Case("analyze-nul-bytes", _analyze_nul_bytes, "is not text: 100% of its characters are control characters"),
+    Case("fold-config-field-of-the-wrong-type", _fold_config_field_of_the_wrong_type, "expected int, got str"),
+    Case("convert-input-holds-a-symlink-loop", _convert_input_holds_a_symlink_loop, "never reaches a file (a loop)"),
+    Case("push-folder-holds-a-symlink-loop", _push_folder_holds_a_symlink_loop, "never reaches a file (a loop)"),
+    Case("analyze-pickle-only-checkpoint", _analyze_pickle_only_checkpoint, "cannot be read safely"),
+    Case("convert-config-is-a-json-list", _config_is_a_json_list("convert"), "holds a JSON list"),
+    Case("fold-config-is-a-json-list", _config_is_a_json_list("fold"), "holds a JSON list"),
+    Case("analyze-config-is-a-json-list", _config_is_a_json_list("analyze"), "holds a JSON list"),
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_is_refused_and_changes_nothing(case, models, tmp_path, monkeypatch):
     project = Project(tmp_path / "project", models["stock"], models["lns"], monkeypatch)
@@ -560,7 +787,7 @@ def test_push_removes_the_scratch_folders_that_killed_runs_left_and_keeps_live_o
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = temp / f"lns-publish-{int(ended.stdout)}-0123abcd"  # its marker is unlocked: nobody holds it
     (dead / "view").mkdir(parents=True)
-    (dead / MARKER_NAME).write_text("{}")
+    (dead / MARKER_NAME).write_text('{"written_by": "lns-surgery", "format": 2, "state": "writing", "files": {}}')
     (dead / "view" / "model.safetensors").write_bytes(b"half an upload")
     live = temp / f"lns-load-check-{os.getpid()}-4567abcd"
     live.mkdir()
@@ -642,7 +869,7 @@ def test_convert_killed_mid_copy_leaves_nothing_at_out_and_the_next_run_cleans_u
     # SIGKILL: nothing can run, so the half-written temporary folder stays beside --out ...
     killed = _signal_mid_copy(large_checkpoint, out, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
-    leftovers = [path.name for path in tmp_path.iterdir()]
+    leftovers = [path.name for path in tmp_path.iterdir() if path.name != ".converted.lns-lock"]  # its lock, too
     assert len(leftovers) == 1 and leftovers[0].startswith(".converted.lns-tmp-")
 
     # ... until the next run beside the same --out, which removes it, says so, and succeeds.

@@ -26,11 +26,16 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lns_surgery.core.errors import LNSError, first_line
+from lns_surgery.core.records import MAX_RECORD_BYTES, check_is_text, too_large
 from lns_surgery.core.sources import is_hub_id
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 RECORD_SUFFIXES = (".jsonl", ".json")
 _TEXT_MIN_CHARS = 1 << 16  # the first read of a plain-text file, in characters
+# The most characters read from a plain-text file per token wanted. Text averages about 4 characters a
+# token; runs of spaces, digits or symbols can take more, rarely 16. Without it, a file with no line
+# break would be read, and tokenised, whole.
+_CHARS_PER_TOKEN = 16
 
 
 def describe_source(source) -> str:
@@ -48,10 +53,13 @@ def _not_text(path: Path, exc: UnicodeDecodeError) -> LNSError:
 
 def _text_file_tokens(tokenizer, path: Path, wanted: int) -> list[int]:
     """The first ``wanted`` tokens of a text file (all of them if it has fewer), reading only a
-    prefix of it. The prefix is cut at a line break and doubled until it gives enough tokens, so
-    the tokens are those of the whole text (a tokenizer may treat the start of a piece differently,
-    so pieces are never tokenised separately)."""
-    budget = max(_TEXT_MIN_CHARS, 8 * wanted)
+    prefix of it. The prefix is cut at a line break (else at a space) and doubled until it gives
+    enough tokens, so the tokens are those of the whole text (a tokenizer may treat the start of a
+    piece differently, so pieces are never tokenised separately). It never grows beyond
+    ``_CHARS_PER_TOKEN`` characters per token wanted: text that gives fewer tokens than that is
+    tokenised as far as the bound reaches, and gives fewer windows."""
+    limit = max(_TEXT_MIN_CHARS, _CHARS_PER_TOKEN * (wanted + 1))
+    budget = min(max(_TEXT_MIN_CHARS, 8 * wanted), limit)
     text = ""
     with open(path, encoding="utf-8", errors="strict") as handle:
         while True:
@@ -59,14 +67,20 @@ def _text_file_tokens(tokenizer, path: Path, wanted: int) -> list[int]:
                 text += handle.read(budget - len(text))
             except UnicodeDecodeError as exc:
                 raise _not_text(path, exc) from None
+            check_is_text(text, f"'{path}'")
             if len(text) < budget:  # the whole file is read
                 return tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
             cut = text.rfind("\n")
+            if cut < len(text) // 2:  # no line break in the second half: cut at the last space instead
+                cut = max(cut, text.rfind(" "), text.rfind("\t"))
             if cut > 0:
                 ids = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
                 if len(ids) > wanted:  # one spare: the last token before the cut may differ
                     return ids[:wanted]
-            budget *= 2
+            if budget >= limit:  # as much text as --max-tokens allows is read: it gives what it gives
+                piece = text[:cut] if cut > 0 else text
+                return tokenizer(piece, add_special_tokens=False)["input_ids"][:wanted] if piece.strip() else []
+            budget = min(2 * budget, limit)
 
 
 def _record_text(record, where: str, text_field: str) -> str:
@@ -84,15 +98,17 @@ def _record_text(record, where: str, text_field: str) -> str:
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    # A line is read up to the record bound, never further: one huge line must not be held whole.
     with open(path, encoding="utf-8", errors="strict") as handle:
-        lines = iter(handle)
         for number in itertools.count(1):
             try:
-                line = next(lines)
-            except StopIteration:
-                return
+                line = handle.readline(MAX_RECORD_BYTES + 1)
             except UnicodeDecodeError as exc:
                 raise _not_text(path, exc) from None
+            if not line:
+                return
+            if len(line) > MAX_RECORD_BYTES:  # characters: at least as many bytes
+                raise too_large(f"{path}, line {number}", MAX_RECORD_BYTES)
             if not line.strip():
                 continue
             try:
@@ -148,9 +164,11 @@ def iter_documents(source, *, text_field: str = "text", split: str = "validation
         suffix = path.suffix.lower()
         if suffix in TEXT_SUFFIXES:
             try:
-                yield path.read_text(encoding="utf-8", errors="strict")
+                text = path.read_text(encoding="utf-8", errors="strict")
             except UnicodeDecodeError as exc:
                 raise _not_text(path, exc) from None
+            check_is_text(text, f"'{path}'")
+            yield text
         elif suffix == ".jsonl":
             yield from _jsonl_documents(path, text_field)
         elif suffix == ".json":
@@ -194,9 +212,10 @@ def token_windows(
         stream = _text_file_tokens(tokenizer, path, wanted)  # one running document, read only as far as needed
         saw_text = bool(stream)
     else:
-        for document in iter_documents(source, text_field=text_field, split=split):
+        for number, document in enumerate(iter_documents(source, text_field=text_field, split=split)):
             if not document.strip():
                 continue
+            check_is_text(document, f"document {number} of '{describe_source(source)}'")
             saw_text = True
             if stream and separator is not None:
                 stream.append(separator)

@@ -196,9 +196,12 @@ def _checkpoint_config(folder: str) -> dict:
         except Exception as exc:  # offline, unknown repository, gated, ...
             raise LNSError(f"'{folder}' is not a local folder and its config could not be fetched from the Hub: {first_line(exc)}") from None
     try:
-        return json.loads(config_path.read_text(encoding="utf-8"))
+        config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LNSError(f"'{config_path}' is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise LNSError(f"'{config_path}' holds a JSON {type(config).__name__}, not an object of settings: not a model config")
+    return config
 
 
 def _local_inputs(models, data, tokenizer, tasks, tasks_include) -> list[Path]:

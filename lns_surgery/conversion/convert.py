@@ -127,6 +127,7 @@ def conversion_plan(
     """
     lookup(config_dict["model_type"])  # refuses known post-norm families before anything is built
     arch, _, model = architecture_for_checkpoint(folder, config_dict, trust_remote_code, layers, norms, force)
+    check_layer_count(model, arch.layers, tensors)
     plan = Plan(arch, len(lns_layers.resolve_layers(model, arch.layers)))
     if for_fold and tensors is not None and arch.fold_rule:
         try:
@@ -181,6 +182,58 @@ def _module_path(model, target) -> str:
     return next(name for name, module in model.named_modules() if module is target)
 
 
+def check_layer_count(model, layers: str, tensors: dict | None) -> None:
+    """Refuse a config whose block count is not the weights' (the distinct block indices under the
+    block list's name in the weight files): converted, it would scale the wrong blocks, drop some or
+    leave some to random initialisation. Keys the model's class ignores on loading (the multi-token
+    prediction layer that DeepSeek-V3 files keep after the last block) are not counted."""
+    import re
+
+    from lns_surgery.core.tensor_names import file_keys_by_module_key
+
+    if not tensors:
+        return
+    blocks = lns_layers.resolve_layers(model, layers)
+    prefix = _module_path(model, blocks)
+    ignored = [re.compile(pattern) for pattern in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    keys = [key for key in tensors if not any(pattern.search(key) for pattern in ignored)]
+    # Where the block list lives in the files' names: the part before the block index in the file key
+    # of each block parameter (renames can change the rest of the key, never the index).
+    candidates: dict[str, int] = {}
+    for module_key, file_key in file_keys_by_module_key(model, keys).items():
+        if not module_key.startswith(prefix + "."):
+            continue
+        index, _, rest = module_key[len(prefix) + 1:].partition(".")
+        if index.isdigit() and rest:
+            parts = file_key.split(".")
+            if index in parts:
+                file_prefix = ".".join(parts[:parts.index(index)])
+                candidates[file_prefix] = candidates.get(file_prefix, 0) + 1
+    if not candidates:
+        return
+    file_prefix = max(candidates, key=candidates.get)
+    depth = len(file_prefix.split(".")) if file_prefix else 0
+    in_files = set()
+    for key in keys:
+        parts = key.split(".")
+        if ".".join(parts[:depth]) == file_prefix and len(parts) > depth + 1 and parts[depth].isdigit():
+            in_files.add(int(parts[depth]))
+    with_weights = set()
+    for name, _ in model.named_parameters():  # shared parameters are named once, by their first owner
+        index = name[len(prefix) + 1:].partition(".")[0] if name.startswith(prefix + ".") else ""
+        if index.isdigit():
+            with_weights.add(int(index))
+    where = f"under '{file_prefix}'" if file_prefix else "at the top level"
+    extra = sorted(in_files - set(range(len(blocks))))
+    if extra:
+        raise LNSError(f"config.json says the model has {len(blocks)} blocks, but the weight files hold block {extra[0]} "
+                       f"{where} too ({len(in_files)} blocks in all): the config does not describe these weights")
+    missing = sorted(with_weights - in_files)
+    if missing:
+        raise LNSError(f"config.json says the model has {len(blocks)} blocks, but the weight files hold no tensor of block "
+                       f"{missing[0]} {where}: the config does not describe these weights")
+
+
 def _fold_scales_into_weights(out: Path, lns: dict, scales: list[float], tensors: dict, per_block) -> None:
     """Rewrite the norm tensors of the copied shards in ``out`` so stock classes compute LNS."""
     from lns_surgery.conversion.norm_math import fold_tensor
@@ -217,11 +270,22 @@ def _check_foldable(lns: dict, tensors: dict | None) -> None:
 
 
 def _copy_for_rewrite(folder: Path, out: Path, tensors: dict | None, link: str, skip: set[str]) -> None:
-    """Copy the folder; shards that will be patched are always real copies, never hard links."""
+    """Copy the folder; shards that will be patched are always real copies, never hard links. Every
+    copied shard is checked against what was read of it before (``check_copied_weights``)."""
     patched = {entry.file.name for entry in (tensors or {}).values()}
     checkpoint.copy_folder(folder, out, skip=skip | patched, link=link)
     for name in sorted(patched):
         checkpoint.copy_file(folder / name, out / name, link="auto")
+    checkpoint.check_copied_weights(tensors, out)
+
+
+def _check_room(folder: Path, out: Path, link: str) -> None:
+    """Refuse a destination without room for the copy before it starts. Where a clone or a hard link may
+    share the input's bytes (the same filesystem, unless --link copy), what the copy takes cannot be
+    known beforehand: a disk that fills up then stops the write with one line instead."""
+    if link != "copy" and outputs.same_filesystem(folder, out):
+        return
+    outputs.check_room(out, sum((folder / relative).stat().st_size for relative in checkpoint.folder_files(folder)))
 
 
 def convert(
@@ -250,7 +314,7 @@ def convert(
     if not 0.0 <= alpha <= 1.0:
         raise LNSError("alpha must be between 0 and 1")
     out = Path(out)
-    outputs.check_output(out, overwrite)
+    outputs.check_output(out, overwrite, [source])  # a local source is an input already: its message first
     folder, provenance = checkpoint.resolve_source(source, revision)
     outputs.check_output(out, overwrite, [folder])
     config_dict = checkpoint.read_config(folder)
@@ -266,9 +330,11 @@ def convert(
             raise LNSError(plan.fold_error)
         per_block = plan.fold_tensors
 
+    _check_room(folder, out, link)
     with outputs.atomic_output_dir(out, overwrite) as staging:
         if mode == "code":
             checkpoint.copy_folder(folder, staging, skip={"config.json"}, link=link)
+            checkpoint.check_copied_weights(tensors, staging)
             new_config = dict(config_dict)
             new_config["model_type"] = lns_layers.lns_model_type(arch.model_type)
             new_config["architectures"] = [lns_layers.lns_class_name(arch.primary_class)]
@@ -295,9 +361,16 @@ def _folded_provenance(lns: dict, scales: list[float]) -> dict:
 
 
 def fold(source: str | Path, out: str | Path, *, overwrite: bool = False, link: str = "auto") -> Path:
-    """Turn an LNS code-mode checkpoint into a stock one whose norm weights carry the scales."""
+    """Turn an LNS code-mode checkpoint into a stock one whose norm weights carry the scales.
+
+    Nothing about the folding is taken from the record but what the code-mode model computes (which
+    blocks, which norms, which alpha): the fold rule is proven again on the base model's own norm
+    classes, and a record that names another rule is refused; the block count must be the weights'.
+    """
+    from lns_surgery.conversion.detect import prove_norms
+
     out = Path(out)
-    outputs.check_output(out, overwrite)
+    outputs.check_output(out, overwrite, [source])  # a local source is an input already: its message first
     folder, _ = checkpoint.resolve_source(source)
     outputs.check_output(out, overwrite, [folder])
     config_dict = checkpoint.read_config(folder)
@@ -308,17 +381,37 @@ def fold(source: str | Path, out: str | Path, *, overwrite: bool = False, link: 
         raise LNSError("the input is not an LNS checkpoint; use `convert --mode fold` for a stock model")
     lns = status.record
     tensors = checkpoint.weight_map(folder)
-    lns = {**lns, "fold_rule": lns.get("fold_rule", _LEGACY_FOLD_RULES.get(lns["norm_kind"]))}
-    _check_foldable(lns, tensors)
+    if tensors is None:
+        _check_foldable(lns, tensors)
     stock_config = {key: value for key, value in config_dict.items() if key not in {"lns", "auto_map"}}
     stock_config["model_type"] = lns["base_model_type"]
-    stock_config["architectures"] = [lns["base_classes"][primary_auto_class(lns["base_classes"])].rsplit(".", 1)[-1]]
-    if any("." in name for name in lns["base_classes"].values()):
+    primary = primary_auto_class(lns["base_classes"])
+    if primary is None or not isinstance(lns["base_classes"][primary], str):
+        raise LNSError("'lns.base_classes' names no causal-LM or image-text class of the base model")
+    stock_config["architectures"] = [lns["base_classes"][primary].rsplit(".", 1)[-1]]
+    if any("." in str(name) for name in lns["base_classes"].values()):
         stock_config["auto_map"] = {auto: name for auto, name in _base_auto_map(lns).items()}
     model = build_on_meta(_stock_config_object(lns, stock_config, folder))
+    try:
+        recorded_layout = Architecture(lns["base_model_type"], lns["layers"], tuple(lns["norms"]), "",
+                                       dict(lns["base_classes"]))
+    except ValueError as exc:
+        raise LNSError(f"'{folder / 'config.json'}': the 'lns' record is not a layout: {first_line(exc)}") from None
+    proven = prove_norms(recorded_layout, model)
+    recorded = lns.get("fold_rule", _LEGACY_FOLD_RULES.get(lns.get("norm_kind")))
+    if recorded is not None and proven.fold_rule is not None and recorded != proven.fold_rule:
+        raise LNSError(
+            f"the checkpoint's record says the scale folds into {', '.join(proven.norm_classes)} by the rule "
+            f"'{recorded}', but that class's own math needs '{proven.fold_rule}': the record was edited or written "
+            "by another tool, and folding by it would write wrong weights"
+        )
+    lns = {**lns, "fold_rule": proven.fold_rule}
+    _check_foldable({**lns, "norm_classes": proven.norm_classes}, tensors)
+    check_layer_count(model, lns["layers"], tensors)
     per_block = norm_tensors(model, lns, tensors)
     scales = status.scales(len(per_block))
     stock_config["lns_folded"] = _folded_provenance(lns, scales)
+    _check_room(folder, out, link)
     with outputs.atomic_output_dir(out, overwrite) as staging:
         _copy_for_rewrite(folder, staging, tensors, link, skip={"config.json", *lns_layers.CODE_FILES})
         _fold_scales_into_weights(staging, lns, scales, tensors, per_block)
@@ -339,7 +432,10 @@ def _stock_config_object(lns: dict, stock_config: dict, folder: Path):
             f"the base model '{lns['base_model_type']}' is custom code; fold the original checkpoint with "
             "`convert --mode fold --trust-remote-code` instead"
         )
-    return CONFIG_MAPPING[lns["base_model_type"]].from_dict(stock_config)
+    try:
+        return CONFIG_MAPPING[lns["base_model_type"]].from_dict(stock_config)
+    except Exception as exc:  # a malformed field, as the config class's own checks see it
+        raise LNSError(f"could not read the model config in '{folder}': {first_line(exc)}") from None
 
 
 def _base_auto_map(lns: dict) -> dict:

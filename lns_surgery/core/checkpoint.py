@@ -3,6 +3,7 @@
 Nothing here loads a model. Weight files are checked from their safetensors headers and tensors are
 read one at a time, so reading a 100 GB checkpoint needs no more memory than a 100 MB one; files are
 copied with the filesystem's fastest safe route, and only regular files inside the folder are read.
+Copied weight files are checked against the headers read before the copy (``check_copied_weights``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from lns_surgery.core import outputs
 from lns_surgery.core.errors import LNSError, first_line
-from lns_surgery.core.lns_status import lns_record_problem
+from lns_surgery.core.lns_status import config_num_layers, lns_record_problem  # noqa: F401  (re-exported)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -29,15 +31,41 @@ _FICLONE = 0x40049409  # ioctl number of Linux's copy-on-write clone (btrfs, XFS
 # --- finding the source -------------------------------------------------------------------------
 
 
+_HUB_SNAPSHOT = re.compile(r"/models--([^/]+)/snapshots/([^/]+)$")
+
+
+def source_record(source: str | os.PathLike | None, revision: str | None = None) -> dict:
+    """What a converted checkpoint records about its source (``lns.source``): something that may be
+    published with it, never a path of this machine. A Hub id (and its revision; a folder of the local
+    Hub cache counts as its repository and commit), a ``builtin:`` name, or for a local folder only its
+    name, marked ``"local": True``, so that no one mistakes it for a Hub id."""
+    from lns_surgery.core.sources import BUILTIN_PREFIX, is_hub_id
+
+    if source is None or not str(source):
+        return {"model": None, "revision": None}
+    text = str(source)
+    if text.startswith(BUILTIN_PREFIX):
+        return {"model": text, "revision": None}
+    path = Path(text).expanduser()
+    if path.exists() or not is_hub_id(text):
+        real = path.resolve()
+        snapshot = _HUB_SNAPSHOT.search(real.as_posix())
+        if snapshot:  # models--OWNER--NAME: Hub ids cannot contain "--", so the split is unambiguous
+            return {"model": snapshot.group(1).replace("--", "/"), "revision": snapshot.group(2)}
+        return {"model": real.name or text, "revision": None, "local": True}
+    return {"model": text, "revision": revision}
+
+
 def resolve_source(source: str | os.PathLike, revision: str | None = None) -> tuple[Path, dict]:
-    """A local folder for ``source`` (a folder, or a Hub id fetched with huggingface_hub) and its provenance."""
+    """A local folder for ``source`` (a folder, or a Hub id fetched with huggingface_hub) and its
+    provenance (``source_record``)."""
     from lns_surgery.core.sources import BUILTIN_PREFIX, is_hub_id, resolve_builtin
 
     if str(source).startswith(BUILTIN_PREFIX):
-        return Path(resolve_builtin(str(source))), {"model": str(source), "revision": None}
+        return Path(resolve_builtin(str(source))), source_record(source)
     path = Path(source).expanduser()
     if path.is_dir():
-        return path, {"model": str(source), "revision": revision}
+        return path, source_record(path)
     if path.exists():
         raise LNSError(f"'{source}' is a file; give the checkpoint's folder")
     text = str(source)
@@ -52,7 +80,7 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> tu
         raise LNSError(f"'{source}' is not a local folder and could not be fetched from the Hub (offline?): {first_line(exc)}") from None
     except (HfHubHTTPError, ValueError, OSError) as exc:
         raise LNSError(f"could not fetch '{source}' from the Hub: {first_line(exc)}") from None
-    return Path(folder), {"model": text, "revision": revision or "main"}
+    return Path(folder), source_record(text, revision or "main")
 
 
 # --- the config ---------------------------------------------------------------------------------
@@ -66,21 +94,14 @@ def read_config(folder: Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LNSError(f"'{path}' is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or "model_type" not in config:
+    if not isinstance(config, dict):
+        raise LNSError(f"'{path}' holds a JSON {type(config).__name__}, not an object of settings: not a model config")
+    if "model_type" not in config:
         raise LNSError(f"'{path}' has no model_type")
     problem = lns_record_problem(config)
     if problem:
         raise LNSError(f"'{path}': {problem}")
     return config
-
-
-def config_num_layers(config: dict) -> int | None:
-    """How many decoder blocks a config says the model has (a multimodal config: its text model's)."""
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    text_config = config.get("text_config")
-    return config_num_layers(text_config) if isinstance(text_config, dict) else None
 
 
 def write_json(path: Path, document: dict) -> None:
@@ -100,6 +121,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     start: int  # absolute byte offsets in the file
     end: int
+    file_size: int = -1  # the file's size when its header was read (-1: not known)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
@@ -126,7 +148,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
         if not _header_entry_ok(info):
             raise LNSError(f"'{path.name}' has a damaged header entry for '{name}'")
         begin, end = info["data_offsets"]
-        entries[name] = TensorEntry(path, info["dtype"], tuple(info["shape"]), data_start + begin, data_start + end)
+        entries[name] = TensorEntry(path, info["dtype"], tuple(info["shape"]), data_start + begin, data_start + end, size)
     expected = max((entry.end for entry in entries.values()), default=data_start)
     if size < expected:
         raise LNSError(f"'{path.name}' is truncated: {size} bytes, its header needs {expected}")
@@ -215,6 +237,29 @@ def read_tensor(entry: TensorEntry):
 # --- copying ------------------------------------------------------------------------------------
 
 
+def check_copied_weights(tensors: dict[str, TensorEntry] | None, target: Path) -> None:
+    """Each weight file copied into ``target`` has the size and the safetensors header its source had
+    when ``weight_map`` read it. A shard that another program truncated or rewrote during the copy
+    would otherwise become a checkpoint that loads wrong or not at all, with nothing said."""
+    by_file: dict[str, dict[str, TensorEntry]] = {}
+    for name, entry in (tensors or {}).items():
+        by_file.setdefault(entry.file.name, {})[name] = entry
+    for file_name, entries in sorted(by_file.items()):
+        copy = target / file_name
+        expected = next(iter(entries.values())).file_size
+        changed = f"'{file_name}' changed while it was being copied (is another program writing the checkpoint?)"
+        size = copy.stat().st_size if copy.is_file() else -1
+        if expected >= 0 and size != expected:
+            raise LNSError(f"{changed}: it had {expected} bytes, the copy has {size}")
+        try:
+            copied = read_safetensors_header(copy)
+        except LNSError as exc:
+            raise LNSError(f"{changed}: {exc}") from None
+        layout = lambda found: {key: (e.dtype, e.shape, e.start, e.end) for key, e in found.items()}  # noqa: E731
+        if layout(copied) != layout(entries):
+            raise LNSError(f"{changed}: its tensors are not the ones its header listed before the copy")
+
+
 def copy_file(source: Path, target: Path, link: str = "auto") -> str:
     """Copy one file the fastest safe way; returns how ("reflink", "hardlink" or "copy").
 
@@ -279,7 +324,10 @@ def check_readable_file(path: Path, roots: list[Path]) -> None:
     would read (and publish) a file that is not part of it.
     """
     if path.is_symlink():
-        target = path.resolve()
+        try:
+            target = path.resolve()
+        except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop, later versions OSError
+            raise LNSError(f"'{path}' is a symbolic link that never reaches a file (a loop); remove it") from None
         if not any(target == root or root in target.parents for root in roots):
             raise LNSError(f"'{path}' is a symbolic link to '{target}', outside the folder; "
                            "copy the file into the folder instead")

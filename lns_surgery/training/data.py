@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from lns_surgery.core.errors import LNSError, first_line
+from lns_surgery.core.records import check_line_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ def chatml_template(start: str = CHATML_START, end: str = CHATML_END) -> str:
 CHATML_TEMPLATE = chatml_template()
 
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+# Files read a line at a time (a .json file may legitimately be one long line: a list of records).
+_ONE_RECORD_PER_LINE = (".jsonl", ".txt")
 
 
 def alpaca_prompt(instruction: str, input: str | None = None) -> str:
@@ -89,6 +92,9 @@ def _load_local(path: Path, split: str | None, streaming: bool):
         raise LNSError(f"cannot read '{path}': expected .json, .jsonl, .txt, .parquet or .csv files of one kind")
     if all(f.stat().st_size == 0 for f in files):  # datasets fails on these with a bare StopIteration
         raise LNSError(f"'{path}' is empty: there is nothing to train on")
+    for file in files:  # one record per line: a line too large to hold is refused before datasets reads it
+        if file.suffix in _ONE_RECORD_PER_LINE:
+            check_line_lengths(file)
     # a local file is one split: it is the training data, and evaluation comes from eval_fraction
     return load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train", streaming=streaming)
 
