@@ -218,9 +218,10 @@ def trace_blocks(model: nn.Module, layers_path: str, nested: bool = False) -> li
     # meta kernels of grouped expert matmuls accept bf16 only).
     if _device(model).type == "meta":
         twin = copy.deepcopy(model).to(torch.bfloat16)
+        _traceable_attention(twin.config)
     else:
         with torch.device("meta"):  # from a copy of the config, which building may write to
-            twin = type(model)._from_config(copy.deepcopy(model.config)).to(torch.bfloat16)
+            twin = type(model)._from_config(_traceable_attention(copy.deepcopy(model.config))).to(torch.bfloat16)
     traces = _trace_all(twin.eval(), layers_path, nested)
     if all(trace.finished for trace in traces) or not any(trace.failure for trace in traces):
         return traces
@@ -235,6 +236,16 @@ def trace_blocks(model: nn.Module, layers_path: str, nested: bool = False) -> li
         if trace.failure:
             trace.failure = f"on a CPU instance as on the meta device: {trace.failure}"
     return real_traces
+
+
+def _traceable_attention(config):
+    """``config`` with sdpa attention where it names a kernel a trace cannot run: flex attention compiles
+    its block mask and has no meta kernel, flash-attention needs a GPU. Which attention kernel runs says
+    nothing about where the norms' outputs go. A model loaded with flex attention for packed training is
+    converted on load (``lns_convert``) through this twin."""
+    if getattr(config, "_attn_implementation", None) not in (None, "eager", "sdpa"):
+        config._attn_implementation = "sdpa"
+    return config
 
 
 def _forward_inputs(model: nn.Module, with_mask: bool, cross_states: bool) -> dict:
@@ -350,7 +361,7 @@ def _real_twin(model: nn.Module, layers_path: str):
     config = getattr(model, "config", None)
     if config is None or not hasattr(type(model), "_from_config") or not hasattr(config, "to_dict"):
         return None, "the model has no config to build one from"
-    config = copy.deepcopy(config)
+    config = _traceable_attention(copy.deepcopy(config))
     if _parameter_count(model) > REAL_TRACE_PARAMETERS:
         config = _narrowed(config)
         if config is None:
