@@ -79,6 +79,9 @@ def test_unknown_flag_and_bad_value(tmp_path):
     ("- a\n- b\n", "must be a YAML mapping of keys to values, not a list"),
     ("just a string\n", "must be a YAML mapping of keys to values, not a str"),
     ("a: [unclosed\n", "is not valid YAML"),
+    # PyYAML alone keeps the last of repeated keys without a word
+    ("learning_rate: 1.0e-3\nmax_steps: 3\nlearning_rate: 2.0e-3\n",
+     "the key 'learning_rate' appears twice, on lines 1 and 3"),
 ])
 def test_recipe_that_is_not_a_mapping_fails_readably(tmp_path, text, message):
     with pytest.raises(LNSError, match=message):

@@ -218,11 +218,13 @@ def _parser():
 def _read_yaml(path: str | os.PathLike) -> dict:
     import yaml
 
+    from lns_surgery.core.yaml import safe_load
+
     path = Path(path)
     if not path.is_file():
         raise LNSError(f"recipe '{path}' not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_load(path.read_text(encoding="utf-8"))  # a key written twice is refused, not overwritten
     except yaml.YAMLError as exc:
         raise LNSError(f"recipe '{path}' is not valid YAML: {first_line(exc)}") from None
     if data is None:
