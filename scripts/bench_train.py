@@ -4,10 +4,12 @@
    LNS multiplies each scaled norm's weight vector by a float, so it should cost nothing measurable.
 2. Padding-free packing vs padding: real (non-pad) tokens per second on Alpaca-like lengths, with
    TRL's own collator and best-fit-decreasing packing, as SFT runs use them.
-3. Distillation healing: LoRA step time with the distillation loss (the student's forward and
-   backward plus the source model's forward without gradients, the adapter disabled) / the plain
-   LoRA step, same LNS model and batch (target <= 1.3); and the same with the loss on half of each
-   row, as in assistant-only SFT, where only the positions that carry the loss enter the KL.
+3. Distillation healing, LoRA and full fine-tuning: the distillation step / (the plain step + the
+   source model's forward alone), same LNS model and batch (target <= 1.10): what the loss costs beyond
+   the teacher's forward; also / the plain step, and with the loss on half of each row, as in
+   assistant-only SFT. Then the distillation step's peak memory at two sequence lengths, with the
+   chunked loss at two chunk sizes and with the loss from whole logits: the first grows with the
+   chunk, the second with tokens x vocabulary.
 
 CPU (default): a small Llama (1.4M parameters), fp32, one thread; under a minute.
 GPU (--gpu): bf16, Qwen2.5-0.5B shapes with random weights, sdpa (flash-attention 2 when installed);
@@ -136,30 +138,45 @@ def time_lns_overhead(base, lns, batch, device, autocast_dtype, warmup, steps):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def time_distillation_overhead(lns, batch, device, autocast_dtype, warmup, steps):
-    """Median LoRA step time with the distillation loss / without it, interleaved, on one LNS model."""
-    from collections import defaultdict
-    from types import SimpleNamespace
+def distillation_loss_fn(student, teacher, batch, settings):
+    """The trainer's distillation loss on one process: the teacher's hidden states, then the student's
+    forward computing ``weight * KL + (1 - weight) * LM`` over the vocabulary in chunks."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    target = teacher.target(student, inputs, settings)
+    return student(**inputs, labels=batch["labels"], lns_distill=target).loss
 
+
+def time_distillation_overhead(lns, batch, device, autocast_dtype, warmup, steps, base=None):
+    """Median step times (``plain``, ``distill``, ``plain_replies``, ``distill_replies``) and the teacher's
+    forward alone (``teacher``: whole logits, no gradients), interleaved on one LNS model. A distillation
+    step needs at least a plain step plus the teacher's forward; the loss's own cost is what it takes beyond.
+    LoRA (default): the teacher is the student with its adapter off. With ``base`` (the same weights without
+    LNS), full fine-tuning, the teacher being that source model as its own model."""
     from peft import LoraConfig, get_peft_model
 
-    from lns_surgery.training.distill import SourceTeacher, distilling_compute_loss
+    from lns_surgery.training.distill import DistillationSettings, SourceTeacher, install_distillation_forward
 
-    student = get_peft_model(copy.deepcopy(lns), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    settings = DistillationSettings(temperature=1.0, weight=1.0)
+    if base is None:
+        student = get_peft_model(copy.deepcopy(lns), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        install_distillation_forward(student.get_base_model())
+        teacher = SourceTeacher()
+    else:
+        student = copy.deepcopy(lns)
+        install_distillation_forward(student)
+        source = copy.deepcopy(base).eval().requires_grad_(False)
+        install_distillation_forward(source)
+        teacher = SourceTeacher(source)
     student.train()
-    # The trainer state distilling_compute_loss reads, on one process.
-    trainer = SimpleNamespace(distillation={"temperature": 1.0, "weight": 1.0}, teacher=SourceTeacher(),
-                              args=SimpleNamespace(average_tokens_across_devices=False),
-                              accelerator=SimpleNamespace(num_processes=1, gather_for_metrics=lambda value: value),
-                              _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
     batch = {k: v.to(device) for k, v in batch.items()}
     # As assistant-only SFT: the first half of every row is prompt and carries no loss
     replies = {**batch, "labels": batch["labels"].clone()}
     replies["labels"][:, : replies["labels"].shape[1] // 2] = -100
-    losses = {"plain": lambda: student(**batch).loss, "distill": lambda: distilling_compute_loss(trainer, student, batch),
+    losses = {"plain": lambda: student(**batch).loss,
+              "distill": lambda: distillation_loss_fn(student, teacher, batch, settings),
               "plain_replies": lambda: student(**replies).loss,
-              "distill_replies": lambda: distilling_compute_loss(trainer, student, replies)}
+              "distill_replies": lambda: distillation_loss_fn(student, teacher, replies, settings)}
     times = {name: [] for name in (*losses, "teacher")}
     for step in range(warmup + steps):
         for name in losses if step % 2 == 0 else reversed(losses):
@@ -177,11 +194,117 @@ def time_distillation_overhead(lns, batch, device, autocast_dtype, warmup, steps
         sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            trainer.teacher.logits(student, {k: v for k, v in batch.items() if k != "labels"})
+            teacher.logits(student, {k: v for k, v in batch.items() if k != "labels"})
         sync(device)
         if step >= warmup:
             times["teacher"].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def distillation_summary(medians, batch_shape) -> dict:
+    floor = medians["plain"] + medians["teacher"]
+    return {"batch_shape": list(batch_shape), "plain_step_s": medians["plain"], "distill_step_s": medians["distill"],
+            "teacher_forward_s": medians["teacher"], "ratio_over_plain": medians["distill"] / medians["plain"],
+            # the target: the distillation step against a plain step plus the teacher's forward
+            "ratio_over_plain_plus_teacher": medians["distill"] / floor, "target": 1.10,
+            "replies_plain_step_s": medians["plain_replies"], "replies_distill_step_s": medians["distill_replies"],
+            "replies_ratio_over_plain": medians["distill_replies"] / medians["plain_replies"]}
+
+
+class PeakMemory:
+    """Peak memory of a block above what was in use when it began: CUDA's allocator statistics on a GPU;
+    on CPU the process's peak resident set (VmHWM), which Linux resets through /proc/self/clear_refs.
+    glibc serves allocations below a threshold that grows to 32 MiB from memory it keeps after frees, which
+    the resident set would not show, so on CPU every allocation over 64 KiB is made to map its own pages
+    (for the rest of the process: measure last)."""
+
+    def __init__(self, device):
+        self.device = device
+        if device.type != "cuda":
+            import ctypes
+
+            m_mmap_threshold = -3  # glibc's mallopt parameter; a fixed value also stops its growth
+            ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 1 << 16)
+
+    @staticmethod
+    def _status_kib(field):
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+    def __enter__(self):
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+                clear.write("5")  # the peak resident set starts again from the current one
+            self.start = self._status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self.peak = self._status_kib("VmHWM") * 1024 - self.start
+
+
+def distillation_memory(config, device, dtype, seq_lengths, chunk_sizes):
+    """Peak memory of one distillation step (forward and backward of a full fine-tuning student, the
+    teacher's forward) at each sequence length: with the chunked loss at each chunk size, and with the
+    loss from whole logits (student and teacher logits materialised, the previous implementation)."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    from lns_surgery import apply_layernorm_scaling
+    from lns_surgery.training.distill import (
+        DistillationSettings,
+        SourceTeacher,
+        distillation_loss,
+        install_distillation_forward,
+    )
+
+    torch.manual_seed(0)
+    source = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval().requires_grad_(False)
+    student = apply_layernorm_scaling(copy.deepcopy(source).requires_grad_(True)).train()
+    install_distillation_forward(source)
+    install_distillation_forward(student)
+    teacher = SourceTeacher(source)
+
+    def whole_logits(batch):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = student(**inputs).logits
+        with torch.no_grad():
+            teacher_logits = source(**inputs).logits
+        kl = distillation_loss(logits, teacher_logits, batch["labels"])
+        lm = student.loss_function(logits=logits, labels=batch["labels"], vocab_size=logits.shape[-1])
+        return kl + 0.0 * lm  # the LM loss was computed beside the KL, for the logs
+
+    results = []
+    g = torch.Generator().manual_seed(2)
+    for seq in seq_lengths:
+        ids = torch.randint(3, config.vocab_size, (1, seq), generator=g).to(device)
+        batch = {"input_ids": ids, "labels": ids.clone()}
+        runs = {f"chunked_{c}": (lambda b, c=c: distillation_loss_fn(student, teacher, b, DistillationSettings(
+            chunk_size=c))) for c in chunk_sizes}
+        runs["whole_logits"] = whole_logits
+        entry = {"tokens": seq, "one_fp32_logits_copy_bytes": seq * config.vocab_size * 4}
+        for name, loss_fn in runs.items():
+            loss_fn(batch).backward()  # warm-up: first-call allocations are not the loss's
+            student.zero_grad(set_to_none=True)
+            with PeakMemory(device) as peak:
+                loss_fn(batch).backward()
+            student.zero_grad(set_to_none=True)
+            gc.collect()
+            entry[f"{name}_peak_bytes"] = peak.peak
+        results.append(entry)
+    return {"vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "dtype": str(dtype),
+            "chunk_sizes": list(chunk_sizes), "per_sequence_length": results}
 
 
 def time_throughput(model, batches, real_tokens, device, autocast_dtype, warmup):
@@ -252,18 +375,11 @@ def main():
                                "lns_step_s": medians["lns"], "ratio": medians["lns"] / medians["base"],
                                "target": 1.02, "steps_timed": steps}
 
-    # 3. distillation healing with LoRA: teacher forward without gradients on the same model
-    distill = time_distillation_overhead(lns, batch, device, autocast_dtype, warmup, steps)
-    results["distillation_overhead"] = {"batch_shape": list(ids.shape), "lora_step_s": distill["plain"],
-                                        "distill_step_s": distill["distill"], "teacher_forward_s": distill["teacher"],
-                                        "ratio": distill["distill"] / distill["plain"], "target": 1.3,
-                                        # plain step + the teacher's forward, before any loss: the floor of the ratio
-                                        "teacher_floor_ratio": (distill["plain"] + distill["teacher"]) / distill["plain"],
-                                        # the same with half of every row's positions carrying the loss
-                                        "replies_lora_step_s": distill["plain_replies"],
-                                        "replies_distill_step_s": distill["distill_replies"],
-                                        "replies_ratio": distill["distill_replies"] / distill["plain_replies"]}
-
+    # 3. distillation healing, LoRA and full fine-tuning: against a plain step plus the teacher's forward
+    results["distillation_overhead"] = {
+        mode: distillation_summary(time_distillation_overhead(lns, batch, device, autocast_dtype, warmup, steps,
+                                                              base=base if mode == "full" else None), ids.shape)
+        for mode in ("lora", "full")}
     # 2. padding-free packing vs padding, same records, LNS model (a fresh copy for each)
     tokens_per_word = 1.35  # Qwen/Llama BPE on English
     lengths, source = alpaca_lengths(records, tokens_per_word)
@@ -297,19 +413,35 @@ def main():
         results["lns_overhead"]["mfu"] = achieved / peak if peak else None
         results["peak_bf16_tflops"] = peak
 
+    # 3b. distillation's peak memory at two sequence lengths: the chunked loss grows with the chunk, the loss from
+    # whole logits with tokens x vocabulary (a large vocabulary on a small model, so that the logits dominate).
+    # Last: on CPU it changes how this process allocates.
+    from transformers import LlamaConfig
+
+    memory_config = config if options.gpu else LlamaConfig(
+        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=True)
+    seq_lengths, chunk_sizes = ((4096, 16384), (1024, 4096)) if options.gpu else ((1024, 4096), (256, 1024))
+    results["distillation_memory"] = distillation_memory(memory_config, device, dtype, seq_lengths, chunk_sizes)
+
     Path(options.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     overhead = results["lns_overhead"]
     print(f"{results['mode']} {results['device']} | {results['model']['model_type']} "
           f"{results['model']['parameters'] / 1e6:.1f}M params | {dtype} | {attn}")
     print(f"step time  base {overhead['base_step_s'] * 1e3:8.1f} ms   LNS {overhead['lns_step_s'] * 1e3:8.1f} ms   "
           f"LNS/base {overhead['ratio']:.3f} (target <= 1.02)")
-    distill = results["distillation_overhead"]
-    print(f"LoRA step  plain {distill['lora_step_s'] * 1e3:7.1f} ms   distillation {distill['distill_step_s'] * 1e3:7.1f} ms"
-          f"   ratio {distill['ratio']:.3f} (target <= 1.3)")
-    print(f"           teacher forward alone {distill['teacher_forward_s'] * 1e3:7.1f} ms"
-          f"   plain + teacher forward: ratio {distill['teacher_floor_ratio']:.3f} (the floor)")
-    print(f"           loss on half the positions (assistant-only SFT): plain {distill['replies_lora_step_s'] * 1e3:7.1f} ms"
-          f"   distillation {distill['replies_distill_step_s'] * 1e3:7.1f} ms   ratio {distill['replies_ratio']:.3f}")
+    for mode, distill in results["distillation_overhead"].items():
+        print(f"distillation ({mode}): plain step {distill['plain_step_s'] * 1e3:7.1f} ms   teacher forward "
+              f"{distill['teacher_forward_s'] * 1e3:7.1f} ms   distillation step {distill['distill_step_s'] * 1e3:7.1f} ms")
+        print(f"           distillation / (plain + teacher forward) {distill['ratio_over_plain_plus_teacher']:.3f} "
+              f"(target <= {distill['target']})   distillation / plain {distill['ratio_over_plain']:.3f}   "
+              f"loss on half the positions: / plain {distill['replies_ratio_over_plain']:.3f}")
+    memory = results["distillation_memory"]
+    print(f"distillation peak memory (vocabulary {memory['vocab_size']}, hidden {memory['hidden_size']}), MiB:")
+    for entry in memory["per_sequence_length"]:
+        chunked = "   ".join(f"chunk {c}: {entry[f'chunked_{c}_peak_bytes'] / 2**20:7.1f}" for c in memory["chunk_sizes"])
+        print(f"  {entry['tokens']:6d} tokens  {chunked}   whole logits: {entry['whole_logits_peak_bytes'] / 2**20:7.1f}"
+              f"   (one fp32 copy of the logits: {entry['one_fp32_logits_copy_bytes'] / 2**20:.1f})")
     for mode in ("padding", "packing"):
         entry = throughput[mode]
         mfu = f"   MFU {entry['mfu']:.1%}" if entry.get("mfu") else ""

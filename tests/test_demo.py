@@ -35,6 +35,7 @@ def quick_demo(tmp_path_factory):
     return out, json.loads((out / "summary.json").read_text(encoding="utf-8")), result
 
 
+@pytest.mark.floor
 @pytest.mark.slow
 def test_every_stage_leaves_its_artefact(quick_demo):
     out, summary, _ = quick_demo
@@ -63,6 +64,7 @@ def test_every_stage_leaves_its_artefact(quick_demo):
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")], "staging folders left behind"
 
 
+@pytest.mark.floor
 @pytest.mark.slow
 def test_figures_are_finite_and_the_stages_did_their_job(quick_demo):
     _, summary, result = quick_demo
@@ -82,8 +84,13 @@ def test_figures_are_finite_and_the_stages_did_their_job(quick_demo):
     for number in range(1, 7):
         assert f"[{number}/6]" in result.stdout
     assert "held-out ppl" in result.stdout and "exact match" in result.stdout
+    # and nothing else: Trainer logs as short lines, no raw log dicts, weight-loading bars or DeepSpeed notices
+    console = result.stdout + result.stderr
+    assert f"/{QUICK.heal_steps}: loss" in console and "{'loss'" not in console
+    assert "Loading weights" not in console and "Setting accelerator" not in console
 
 
+@pytest.mark.floor
 @pytest.mark.slow
 def test_the_export_reloads_in_a_fresh_process_and_matches(quick_demo):
     _, summary, _ = quick_demo
@@ -94,6 +101,7 @@ def test_the_export_reloads_in_a_fresh_process_and_matches(quick_demo):
     assert export["lns_alpha"] == 1.0
 
 
+@pytest.mark.floor
 def test_existing_out_is_refused_in_one_line(tmp_path):
     out = tmp_path / "taken"
     out.mkdir()

@@ -137,10 +137,17 @@ def _quiet_libraries(threads: int):
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    weight_bars = hf_logging.is_progress_bar_enabled()
     previous_threads = torch.get_num_threads()
     hf_logging.set_verbosity_error()
     datasets.disable_progress_bars()  # the Trainer's own bars stay
+    hf_logging.disable_progress_bar()  # loading and writing weights takes no time here
     torch.set_num_threads(threads)
+    # accelerate imports DeepSpeed wherever it is installed, and DeepSpeed then announces that it found no
+    # GPU; the demo runs on the CPU and never uses DeepSpeed, so it is told the device up front.
+    set_accelerator = "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available()
+    if set_accelerator:
+        os.environ["DS_ACCELERATOR"] = "cpu"
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
@@ -150,6 +157,10 @@ def _quiet_libraries(threads: int):
         hf_logging.set_verbosity(verbosity)
         if bars:
             datasets.enable_progress_bars()
+        if weight_bars:
+            hf_logging.enable_progress_bar()
+        if set_accelerator:
+            os.environ.pop("DS_ACCELERATOR", None)
         torch.set_num_threads(previous_threads)
 
 

@@ -80,3 +80,51 @@ def final_metrics(state, train_output=None, eval_metrics: dict | None = None) ->
 
 def write_metrics(path: str | Path, metrics: dict) -> None:
     Path(path).write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+# What a log line shows, in this order; the Trainer's other keys (entropy, epoch, token counts, ...) stay in
+# metrics.json's log_history.
+_SHOWN = ("loss", "eval_loss", "distill_loss", "lm_loss", "lns_alpha", "learning_rate", "grad_norm")
+
+
+def compact_log_line(logs: dict, step: int, max_steps: int) -> str | None:
+    """One short line for a Trainer log entry, or None for an entry with nothing to show."""
+    if "train_loss" in logs:  # the end-of-training summary
+        return f"trained {step} steps in {logs.get('train_runtime', 0.0):.1f} s, mean loss {logs['train_loss']:.4g}"
+    shown = [f"{key.removeprefix('eval_') if key == 'eval_loss' else key} {logs[key]:.4g}"
+             for key in _SHOWN if isinstance(logs.get(key), (int, float))]
+    if "eval_loss" in logs:
+        shown[0] = "eval " + shown[0]
+    return f"step {step}/{max_steps}: " + ", ".join(shown) if shown else None
+
+
+def _compact_callbacks():
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class CompactProgressCallback(ProgressCallback):
+        """The Trainer's progress bar, with each log entry as one short line above it instead of a dict."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None:
+                line = compact_log_line(logs or {}, state.global_step, state.max_steps)
+                if line:
+                    self.training_bar.write(line)
+
+    class CompactPrinterCallback(PrinterCallback):
+        """Without progress bars (``disable_tqdm``): each log entry as one short line."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero:
+                line = compact_log_line(logs or {}, state.global_step, state.max_steps)
+                if line:
+                    print(line, flush=True)
+
+    return {ProgressCallback: CompactProgressCallback, PrinterCallback: CompactPrinterCallback}
+
+
+def use_compact_logs(trainer) -> None:
+    """Replace the Trainer's console callbacks (raw log dicts) by ones that print a short line per entry."""
+    for stock, compact in _compact_callbacks().items():
+        if any(type(callback) is stock for callback in trainer.callback_handler.callbacks):
+            trainer.remove_callback(stock)
+            trainer.add_callback(compact)

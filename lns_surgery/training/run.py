@@ -48,6 +48,25 @@ def _last_checkpoint(folder: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+def _on_main_process(state, action) -> None:
+    """Run ``action`` on the main process alone; if it refuses, every process raises its error, so that
+    none is left waiting for the others."""
+    error = None
+    if state.is_main_process:
+        try:
+            action()
+        except LNSError as exc:
+            error = str(exc)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        shared = [error]
+        broadcast_object_list(shared)
+        error = shared[0]
+    if error is not None:
+        raise LNSError(error)
+
+
 def _plan_output(args, training, state, model_config=None) -> tuple[Path, Path, str | None]:
     """(final dir, working dir, checkpoint to resume from), refusing to clobber anything by accident."""
     from lns_surgery.core import outputs
@@ -60,8 +79,13 @@ def _plan_output(args, training, state, model_config=None) -> tuple[Path, Path, 
     # The run reads these; its output folders may not touch them (lns_surgery.core.outputs has the rule).
     inputs = [getattr(model_config, "model_name_or_path", None), args.dataset_name, args.tokenizer_name_or_path,
               args.chat_template]
-    outputs.check_output(final, args.overwrite, inputs, flag="output_dir")
-    outputs.check_inputs(work, inputs, flag="output_dir")
+
+    def claim():  # one run per output_dir at a time, until train() ends: a second refuses now
+        outputs.check_output(final, args.overwrite, inputs, flag="output_dir")
+        outputs.check_inputs(work, inputs, flag="output_dir")
+        outputs.lock_output(final, flag="output_dir")
+
+    _on_main_process(state, claim)  # the other processes would find the main one's lock, and wait on it
     if args.resume:
         resume_from = _last_checkpoint(work)
         if resume_from is None:
@@ -75,7 +99,7 @@ def _plan_output(args, training, state, model_config=None) -> tuple[Path, Path, 
             outputs.remove_output(work)
     if state.is_main_process:  # label the working folder as this tool's, so --overwrite may replace it
         work.mkdir(parents=True, exist_ok=True)
-        outputs.mark_output(work)
+        outputs.mark_output(work, working=True)
     state.wait_for_everyone()
     return final, work, resume_from
 
@@ -90,29 +114,46 @@ def _peft_config(args, model_config, model):
         if args.train_norms:
             logger.info("train_norms: full fine-tuning already trains the norm weights")
         return None
+    if getattr(peft_config, "task_type", None) is None:
+        # A recipe's lora_task_type: null would write an adapter that AutoPeftModelForCausalLM refuses for
+        # any custom-code (LNS) base: without a task type it imports the base class by module name.
+        peft_config.task_type = "CAUSAL_LM"
     if args.train_norms:
         names = norm_module_names(model)
         peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(names))
+    if getattr(peft_config, "lora_dropout", 0) and _adapts_expert_parameters(peft_config, model):
+        # PEFT raises a bare ValueError from deep inside the trainer's set-up for this (its ParamWrapper
+        # cannot put dropout before a fused expert matmul); TRL's default lora_dropout is 0.05.
+        raise LNSError("LoRA on this model's fused mixture-of-experts parameters cannot use dropout: "
+                       "set lora_dropout: 0")
     return peft_config
 
 
-def _make_trainer_class():
+def _adapts_expert_parameters(peft_config, model) -> bool:
+    """Whether PEFT will adapt parameters rather than modules: transformers 5 fuses each block's experts
+    into parameters, which PEFT targets (for "all-linear" too) on the model types it maps. Decided by
+    PEFT's own conversion, on a copy of the config."""
+    import copy
+
+    try:
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # transformers 4 or an older PEFT: no fused experts to resolve
+        return bool(getattr(peft_config, "target_parameters", None))
+    probe = copy.deepcopy(peft_config)
+    try:
+        convert_peft_config_for_transformers(probe, model=model, conversions=None)
+    except ValueError:  # a target list PEFT cannot convert: it says why itself
+        return False
+    return bool(getattr(probe, "target_parameters", None))
+
+
+def _make_trainer_class(distill: bool = False):
     from trl import SFTTrainer
 
     from lns_surgery.training.callbacks import current_alpha
 
     class LNSTrainer(SFTTrainer):
-        """SFTTrainer that also logs the LNS strength, so a ramp shows in the logs and metrics.json, and
-        heals by distillation from the source model when the recipe asks (``distillation`` is set)."""
-
-        distillation: dict | None = None
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.distillation is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            from lns_surgery.training.distill import distilling_compute_loss
-
-            return distilling_compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        """SFTTrainer that also logs the LNS strength, so a ramp shows in the logs and metrics.json."""
 
         def log(self, logs, start_time=None):
             alpha = current_alpha(self.model)
@@ -120,6 +161,10 @@ def _make_trainer_class():
                 logs["lns_alpha"] = alpha
             super().log(logs, start_time)
 
+    if distill:  # heals by distillation from the source model: constructed with distillation= and teacher=
+        from lns_surgery.training.distill import distillation_trainer_class
+
+        return distillation_trainer_class(LNSTrainer)
     return LNSTrainer
 
 
@@ -127,7 +172,7 @@ def build_trainer(recipe: Recipe, callbacks=None):
     """Load model, tokenizer and data for ``recipe`` and return ``(trainer, info)``; nothing is trained
     or written. ``info`` has the detected ``dataset_format``, ``added_token_ids`` and ``lora``."""
     from lns_surgery.training import data, models
-    from lns_surgery.training.callbacks import LNSRampCallback
+    from lns_surgery.training.callbacks import LNSRampCallback, use_compact_logs
     from lns_surgery.training.distributed import check_launch, check_sharding
 
     args, training, model_config = recipe.as_tuple()
@@ -146,10 +191,12 @@ def build_trainer(recipe: Recipe, callbacks=None):
 
     model = models.load_model(args, training, model_config, tokenizer=tokenizer)
     if training.use_liger_kernel and lns_status(model.config).kind == "lns":
-        # Liger patches by model_type and has none for lns_*: it would silently leave the model as it is
-        logger.warning("use_liger_kernel: Liger has no kernels for %s models; training without them",
-                       model.config.model_type)
-        training.use_liger_kernel = False
+        # Liger patches by config.model_type: lns_* gets nothing (the run would not be what the recipe
+        # says), and a model converted on load still answers its stock type there, so Liger would swap
+        # its scaled norms for kernels that read the unscaled weight. Hub kernels skip the scaled norms
+        # (lns_layers._NotKernelized) and kernelize the rest.
+        raise LNSError("use_liger_kernel: Liger chooses kernels by model type and would skip this LNS model or "
+                       "replace its scaled norms; use model_init_kwargs: {use_kernels: true} instead")
     added = data.prepare_tokenizer(tokenizer, model, data_format, args.chat_template)
     peft_config = _peft_config(args, model_config, model)
     from lns_surgery.training.performance import ThroughputCallback
@@ -162,13 +209,16 @@ def build_trainer(recipe: Recipe, callbacks=None):
                        "set dataset_test_split or eval_fraction")
     if args.heal_norms == "freeze" and peft_config is None:
         models.freeze_scaled_norms(model)
+    distillation = {}
     if args.distill:
-        from lns_surgery.training.distill import SourceTeacher
+        from lns_surgery.training.distill import DistillationSettings, SourceTeacher
 
-        # Full fine-tuning: a frozen copy taken now, before the trainer patches the model. LoRA: the
-        # student itself with the adapter disabled, once the trainer has wrapped it.
-        teacher = SourceTeacher() if peft_config is not None else SourceTeacher.frozen_copy(model)
-    trainer = _make_trainer_class()(
+        # LoRA: the student itself with the adapter disabled. Full fine-tuning: the source checkpoint loaded
+        # as its own model, which the trainer shards or places like the student.
+        teacher = SourceTeacher() if peft_config is not None else SourceTeacher.load(args, training, model_config,
+                                                                                     tokenizer, model)
+        distillation = {"distillation": DistillationSettings.from_recipe(args), "teacher": teacher}
+    trainer = _make_trainer_class(args.distill)(
         model=model,
         args=training,
         train_dataset=train_data,
@@ -176,11 +226,10 @@ def build_trainer(recipe: Recipe, callbacks=None):
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=extra,
+        **distillation,
     )
     check_sharding(trainer)  # an FSDP/DeepSpeed request that accelerate turned into DDP stops here
-    if args.distill:
-        trainer.teacher = teacher
-        trainer.distillation = {"temperature": args.distill_temperature, "weight": args.distill_weight}
+    use_compact_logs(trainer)
     return trainer, {"dataset_format": data_format, "added_token_ids": added, "lora": peft_config is not None}
 
 
@@ -296,6 +345,34 @@ def _give_adapter_an_lns_base(trainer, adapter_dir: Path, work: Path, final: Pat
     write_json(config_path, adapter_config)
 
 
+class DivergedError(LNSError):
+    """Training left weights that are inf or NaN: nothing is exported."""
+
+
+def _refuse_non_finite_weights(trainer, work: Path, metrics: dict, state) -> None:
+    """Stop before exporting a model with inf or NaN weights (a learning rate that blew up, say): it would
+    load anywhere and compute nothing but NaN. Every process checks its own shard (FSDP's DTensor,
+    ZeRO-3's partition) and all of them see the gathered result, so they stop together."""
+    import torch
+    from accelerate.utils import gather_object
+
+    from lns_surgery.training.callbacks import write_metrics
+
+    names = []
+    for name, parameter in trainer.model.named_parameters():
+        local = parameter.to_local() if hasattr(parameter, "to_local") else getattr(parameter, "ds_tensor", parameter)
+        if local.numel() and not bool(torch.isfinite(local.detach()).all()):
+            names.append(name)
+    bad = sorted(set(gather_object(names)))
+    if not bad:
+        return
+    total = sum(1 for _ in trainer.model.parameters())
+    if state.is_main_process:
+        write_metrics(work / "metrics.json", metrics)
+    raise DivergedError(f"training diverged: {len(bad)} of {total} weight tensors hold inf or NaN (e.g. {bad[0]}); "
+                        f"nothing was exported, and '{work}' is kept for inspection (try a lower learning_rate)")
+
+
 def _save_outputs(trainer, recipe: Recipe, work: Path, final: Path, info: dict, metrics: dict, state):
     """Write the final model (and adapter), metrics.json and recipe.yaml into ``work``, then rename it."""
     import yaml
@@ -340,8 +417,8 @@ def _save_outputs(trainer, recipe: Recipe, work: Path, final: Path, info: dict, 
             for checkpoint in checkpoints:
                 os.replace(checkpoint, work / "checkpoints" / checkpoint.name)
         (work / "training_args.bin").unlink(missing_ok=True)
-        outputs.remove_output(final)  # refuses a folder that is not lns-surgery's own
-        os.replace(work, final)
+        # the manifest last, then the rename; an earlier output goes only if --overwrite may replace it
+        outputs.replace_output(work, final, overwrite=args.overwrite, flag="output_dir")
     state.wait_for_everyone()
     return model
 
@@ -365,7 +442,13 @@ def train(recipe: Recipe | Any, training=None, model_config=None, *, command: st
     args, training, model_config = recipe.as_tuple()
     state = PartialState()
     existed = incomplete_dir(training.output_dir).exists() if training.output_dir else True
-    final, work, resume_from = _plan_output(args, training, state, model_config)
+    from lns_surgery.core import outputs
+
+    try:
+        final, work, resume_from = _plan_output(args, training, state, model_config)
+    except BaseException:
+        outputs.unlock_output(training.output_dir or None)
+        raise
     training.output_dir = str(work)
     try:
         trainer, info = build_trainer(recipe, callbacks=callbacks)
@@ -374,16 +457,18 @@ def train(recipe: Recipe | Any, training=None, model_config=None, *, command: st
         metrics = final_metrics(trainer.state, train_output, eval_metrics)
         metrics["train"].update(_throughput(trainer))
         metrics["dataset_format"] = info["dataset_format"]
+        _refuse_non_finite_weights(trainer, work, metrics, state)
         model = _save_outputs(trainer, recipe, work, final, info, metrics, state)
-    except BaseException:
+    except BaseException as exc:
         # A run that failed before its first checkpoint leaves nothing to resume: no empty working folder.
-        if not existed and state.is_main_process and work.is_dir() and not any(work.glob("checkpoint-*")):
-            from lns_surgery.core import outputs
-
-            outputs.remove_output(work)
+        # A diverged run keeps it: its metrics show where the loss went.
+        if (not existed and not isinstance(exc, DivergedError) and state.is_main_process and work.is_dir()
+                and not any(work.glob("checkpoint-*"))):
+            outputs.remove_working_folder(work)  # never raises: the error on its way matters more
         raise
     finally:
         training.output_dir = str(final)
+        outputs.unlock_output(final)
     return TrainResult(model=model, tokenizer=trainer.processing_class, metrics=metrics, output_dir=final,
                        trainer=trainer)
 
