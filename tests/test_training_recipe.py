@@ -244,6 +244,7 @@ INF, NAN = float("inf"), float("nan")
     ("distill_weight", 1.5, r"in \[0, 1\]"),
     ("distill_temperature", INF, "a finite number"),
     ("distill_temperature", 0.0, "> 0"),
+    ("distill_chunk_size", 0, ">= 1"),
     ("lns_ramp_steps", -1, ">= 0"),
 ])
 def test_out_of_range_values_are_refused_when_parsed(tmp_path, key, value, wanted):

@@ -53,6 +53,7 @@ VALUE_RANGES = (
     ("lns_ramp_steps", lambda v: v >= 0, ">= 0"),
     ("distill_weight", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("distill_temperature", lambda v: v > 0, "> 0"),
+    ("distill_chunk_size", lambda v: v >= 1, ">= 1"),
 )
 
 
@@ -133,6 +134,11 @@ class RecipeArguments:
     distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the distillation loss."})
     distill_weight: float = field(
         default=1.0, metadata={"help": "loss = distill_weight * KL + (1 - distill_weight) * LM, in [0, 1]."}
+    )
+    distill_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Tokens per chunk of the distillation loss: its memory grows with the chunk "
+                          "(chunk x vocabulary logits of student and teacher), not with the batch."},
     )
     heal_norms: str = field(
         default="train",
