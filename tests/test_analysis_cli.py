@@ -44,7 +44,8 @@ def test_analyze_stories_stock_lns_and_folded_side_by_side(tmp_path, stories_pat
     lns_surgery.convert(stories_path, tmp_path / "stories-folded", mode="fold")
     out = tmp_path / "report"
     result = run_cli("analyze", str(stories_path), str(tmp_path / "stories-lns"), str(tmp_path / "stories-folded"),
-                     "--data", str(text), "--out", str(out), "--max-tokens", "3072", "--seq-len", "128")
+                     "--data", str(text), "--out", str(out), "--max-tokens", "3072", "--seq-len", "128",
+                     "--source", str(stories_path))
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout
 
@@ -60,7 +61,7 @@ def test_analyze_stories_stock_lns_and_folded_side_by_side(tmp_path, stories_pat
         assert 1 < model["perplexity"] < 512  # better than uniform over the 512-token vocabulary
         assert [len(row) for row in model["angular_distance"]] == [5, 4, 3, 2, 1]
         for layer in model["layers"]:
-            # LNS and folded models record their source (stories260K, here): their effective scales are measured
+            # LNS and folded models are measured against --source (they record a local source by name only)
             assert set(layer) == LAYER_KEYS | ({"effective_scale"} if model["status"] != "stock" else set())
             assert layer["removal_perplexity"] > 0 and layer["output_variance"] > 0
             assert 0 < layer["angular_distance_next"] < 1

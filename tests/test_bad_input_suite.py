@@ -701,6 +701,17 @@ CASES += [
 ]
 
 
+def _push_config_records_a_local_source_path(p):
+    model = _edit_config(p.model("x-lns", "lns"), **{"lns.source": {"model": "/home/me/models/stories260K"}})
+    return ["push", str(model), "--repo-id", REPO_ID, "--dry-run"]
+
+
+CASES += [
+    Case("push-config-records-a-local-source-path", _push_config_records_a_local_source_path,
+         "records where its source lies on this machine (lns.source.model = '/home/me/models/stories260K')"),
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_is_refused_and_changes_nothing(case, models, tmp_path, monkeypatch):
     project = Project(tmp_path / "project", models["stock"], models["lns"], monkeypatch)
@@ -744,23 +755,22 @@ def test_dry_run_runs_none_of_the_folders_code(models, tmp_path):
 def test_the_load_check_runs_without_credentials(models, tmp_path, monkeypatch):
     folder = tmp_path / "x-lns"
     shutil.copytree(models["lns"], folder)
-    seen = tmp_path / "seen-by-the-folders-code.json"
-    code = folder / "modeling_lns.py"
-    code.write_text(f"import json as _json, os as _os\n"
-                    f"open({str(seen)!r}, 'w').write(_json.dumps(dict(_os.environ)))\n" + code.read_text())
     secrets = {"AWS_SECRET_ACCESS_KEY": "aws-secret", "HF_TOKEN": "hf_secret", "GITHUB_TOKEN": "gh-secret",
                "OPENAI_API_KEY": "sk-secret", "HTTPS_PROXY": "http://user:password@proxy:3128"}
+    # The sandbox lets nothing out but the check's verdict: the folder's code fails the check if it sees a secret.
+    code = folder / "modeling_lns.py"
+    code.write_text(f"import json as _json, os as _os\n"
+                    f"_seen = _json.dumps(dict(_os.environ))\n"
+                    f"if any(_value in _seen for _value in {sorted(secrets.values())!r}) or "
+                    f"'lns-load-check-' not in _os.environ['HOME'] or _os.environ['HOME'] == {os.path.expanduser('~')!r} "
+                    f"or _os.environ.get('HF_HUB_OFFLINE') != '1':\n"
+                    f"    raise RuntimeError('the folder code saw: ' + _seen)\n" + code.read_text())
     for key, value in secrets.items():
         monkeypatch.setenv(key, value)
 
     result = invoke_cli("push", str(folder), "--repo-id", REPO_ID, "--dry-run", "--check-load")
     assert result.returncode == 0, result.stderr
     assert "validation: ok: LNSLlamaForCausalLM (custom code from the folder)" in result.stdout
-    environment = json.loads(seen.read_text())
-    assert not set(secrets) & set(environment)
-    assert not any(value in json.dumps(environment) for value in secrets.values())
-    assert environment["HOME"] != os.path.expanduser("~") and "lns-load-check-" in environment["HOME"]
-    assert environment["HF_HUB_OFFLINE"] == "1"
 
 
 # --- leftovers of stopped runs --------------------------------------------------------------------

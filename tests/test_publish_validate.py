@@ -146,6 +146,52 @@ def test_refuses_what_is_not_a_publishable_lns_checkpoint(stories_path, lns_copy
     assert "PEFT adapter" in _refusal(adapter)
 
 
+def test_lns_surgerys_own_files_stay_home(lns_copy):
+    """The output marker (it names the writing process and host), lock and temporary files: huggingface_hub's
+    own upload would send them."""
+    (lns_copy / ".README.md.lns-tmp-123").write_text("half a card")
+    (lns_copy / "model.lns-lock").write_text("")
+    reasons = dict(select_files(lns_copy).excluded)
+    assert reasons[".lns-surgery-output"] == "lns-surgery's own bookkeeping (the output marker)"
+    assert reasons["model.lns-lock"] == "lns-surgery's lock file"
+    assert reasons[".README.md.lns-tmp-123"] == "a temporary file of an lns-surgery run"
+    assert not any(".lns" in path for path in select_files(lns_copy).paths())
+
+
+def _record_source(folder, block: str, model) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config[block]["source"] = {"model": model, "revision": None}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("recorded", ["/home/me/models/stories260K", "../models/stories260K", "~/stories260K",
+                                      "models/stories260K/v2", "C:\\Users\\me\\stories260K", "local-owner/model"])
+def test_refuses_a_source_recorded_as_a_path_of_this_machine(checkpoints, lns_copy, tmp_path, monkeypatch, recorded):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local-owner" / "model").mkdir(parents=True)  # 'owner/name' that is a folder here: a path
+    _record_source(lns_copy, "lns", recorded)
+    message = _refusal(lns_copy)
+    assert f"records where its source lies on this machine (lns.source.model = '{recorded}')" in message
+    folded = tmp_path / "folded"
+    shutil.copytree(checkpoints / "folded", folded)
+    _record_source(folded, "lns_folded", recorded)
+    assert f"(lns_folded.source.model = '{recorded}')" in _refusal(folded)
+
+
+@pytest.mark.parametrize("recorded", ["HuggingFaceTB/SmolLM2-135M", "gpt2", "builtin:llama-tiny", "stories260K", None])
+def test_a_hub_id_a_builtin_or_a_folders_name_may_be_published(lns_copy, recorded):
+    _record_source(lns_copy, "lns", recorded)
+    assert check_checkpoint(lns_copy).source["model"] == recorded
+
+
+def test_conversions_record_a_local_source_by_its_name_only(checkpoints, stories_path):
+    for kind, block in (("lns", "lns"), ("folded", "lns_folded")):
+        source = json.loads((checkpoints / kind / "config.json").read_text())[block]["source"]
+        assert source == {"model": stories_path.name, "revision": None, "local": True}
+        assert str(stories_path.parent) not in (checkpoints / kind / "config.json").read_text()
+    check_checkpoint(checkpoints / "lns")
+
+
 def test_refuses_a_checkpoint_without_tokenizer(lns_copy):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (lns_copy / name).unlink()
@@ -164,11 +210,11 @@ def test_validation_runs_no_code_of_the_folder_unless_asked(lns_copy):
 
 def test_fresh_process_loads_both_kinds(checkpoints):
     lns = validate_checkpoint(checkpoints / "lns", check_load=True)
-    assert lns.load.model_class == "LNSLlamaForCausalLM" and lns.load.remote_code
+    assert lns.load.model_class == "LNSLlamaForCausalLM" and lns.load.remote_code and lns.load.sandboxed
     assert lns.load.num_parameters > 200_000 and lns.load.logits_shape[-1] == 512
     folded = validate_checkpoint(checkpoints / "folded", check_load=True)
     assert folded.load.model_class == "LlamaForCausalLM" and not folded.load.remote_code
-    assert "fresh process without lns-surgery" in lns.summary()
+    assert "fresh process without lns-surgery, in a sandbox" in lns.summary()
 
 
 def test_fresh_process_refuses_weights_that_give_nan(lns_copy):

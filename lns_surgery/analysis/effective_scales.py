@@ -9,11 +9,14 @@ scale ``c_l`` but
 with ``w`` the norm's effective weight (``w``, or ``1 + w`` for norms that compute ``(1 + w) * x_hat``).
 It equals ``c_l`` right after conversion and 1 where training has undone the scaling. A folded
 checkpoint carries ``c_l * w_l`` in its weights; a norm without weights keeps ``c_l`` whatever training
-does. The source is the ``source`` record LNS checkpoints keep, or a folder the user names.
+does. The source is a folder the user names (``--source``), or the one LNS checkpoints record where
+this machine has it: a ``builtin:`` model or a Hub id in the local Hub cache. A local folder is
+recorded by its name only (a published record must not say where it lay), so it needs ``--source``.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -21,16 +24,52 @@ import torch
 from lns_surgery.core.errors import LNSError
 from lns_surgery.core.lns_status import lns_status
 
+logger = logging.getLogger(__name__)
+
+
+def _recorded_source(model) -> dict:
+    record = (lns_status(model.config).record or {}).get("source")
+    return record if isinstance(record, dict) else {}
+
 
 def source_of(model) -> str | None:
-    """The source checkpoint an LNS (or folded) model records, if it is a folder on this machine."""
-    source = ((lns_status(model.config).record or {}).get("source") or {}).get("model")
-    if not source:
+    """The folder of the source checkpoint an LNS (or folded) model records, if this machine has it."""
+    record = _recorded_source(model)
+    source = record.get("model")
+    if not isinstance(source, str) or not source or record.get("local"):
         return None
-    from lns_surgery.core.sources import resolve_builtin
+    from lns_surgery.core import checkpoint
+    from lns_surgery.core.sources import BUILTIN_PREFIX, is_hub_id, resolve_builtin
 
-    folder = resolve_builtin(str(source))
-    return str(folder) if Path(folder).expanduser().is_dir() else None
+    if source.startswith(BUILTIN_PREFIX):
+        folder = Path(resolve_builtin(source))
+    elif Path(source).expanduser().is_dir():  # a record of an older version: the path itself
+        folder = Path(source).expanduser()
+    elif is_hub_id(source):
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(repo_id=source, revision=record.get("revision") or None,
+                                            local_files_only=True))
+            if checkpoint.weight_map(folder) is None:  # a cache that holds the config but not the weights
+                return None
+        except Exception:  # not in the cache, or only part of it
+            return None
+    else:
+        return None
+    return str(folder) if folder.is_dir() else None
+
+
+def _unknown_source(model) -> None:
+    """Say why a model's effective scales are missing from the report, and how to get them."""
+    record = _recorded_source(model)
+    source = record.get("model")
+    if not isinstance(source, str) or not source:
+        return  # built from a config: there is no source to compare with
+    where = ("a local folder, recorded by its name only" if record.get("local")
+             else "not on this machine or in its Hub cache")
+    logger.warning("the effective LNS scales need the source checkpoint, which this model records as '%s' (%s): "
+                   "give its folder with --source to measure them", source, where)
 
 
 def _source_tensors(folder: str, model, wanted: list[str]) -> dict[str, torch.Tensor]:
@@ -54,7 +93,7 @@ def effective_scales(model, source: str | None = None) -> dict | None:
 
     Returns ``{"source": folder, "norms": [...], "per_block": [[float | None per norm]], "nominal": [c_l]}``,
     or None for a stock model or an LNS model whose source is unknown (not recorded, not on this machine,
-    and not given).
+    and not given; a warning then says how to give it).
     """
     from lns_surgery.analysis.measures import unwrap
     from lns_surgery.modeling.lns_layers import resolve_layers
@@ -66,6 +105,7 @@ def effective_scales(model, source: str | None = None) -> dict | None:
         return None
     source = source or source_of(model)
     if source is None:
+        _unknown_source(model)
         return None
     rule = lns.get("fold_rule") or {"gemma_rmsnorm": "one_plus"}.get(lns.get("norm_kind"), "scale")
     blocks = resolve_layers(model, lns["layers"])

@@ -8,6 +8,7 @@ import logging
 from torch import nn
 
 from lns_surgery.conversion.registry import Architecture, lookup
+from lns_surgery.core import checkpoint
 from lns_surgery.core.errors import LNSError
 from lns_surgery.core.lns_status import lns_status
 
@@ -93,7 +94,7 @@ def apply_layernorm_scaling(
     if type(model).__name__.startswith("Peft"):
         raise LNSError("apply LayerNorm Scaling before wrapping the model with PEFT")
     arch = architecture_for_model(model, layers, norms, force)
-    lns = arch.lns_block(alpha, source={"model": getattr(config, "name_or_path", "") or None})
+    lns = arch.lns_block(alpha, source=checkpoint.source_record(getattr(config, "name_or_path", "") or None))
     classes = register(lns)
     auto_name = next((auto for auto, name in arch.classes.items() if name == type(model).__name__), None)
     if classes is None or auto_name is None or auto_name == "config":
@@ -103,6 +104,10 @@ def apply_layernorm_scaling(
         )
     model.__class__ = classes[auto_name]
     config.__class__ = classes["config"]
+    # A loaded config holds its model_type as an instance attribute, which would hide the LNS class's
+    # lns_<base> from everything that asks (to_dict() says lns_<base>, config.model_type the stock type):
+    # kernel and PEFT tables keyed by model type would treat the model as the stock one.
+    vars(config).pop("model_type", None)
     config.lns = lns
     config.architectures = [model.__class__.__name__]
     apply_scaling(model, lns)

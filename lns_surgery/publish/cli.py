@@ -77,22 +77,26 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, token: str | Non
 @click.option("--token", default=None, help="Hub token with write access (default: HF_TOKEN, then the stored login). Never printed.")
 @click.option("--dry-run", is_flag=True,
               help="Validate and show the files and the model card; no network, nothing written, and none of the "
-                   "folder's code run unless --check-load is given too.")
+                   "folder's code run unless --check-load (or --check-load-unsandboxed) is given too.")
 @click.option("--check-load", is_flag=True,
               help="Also load the checkpoint in a fresh process with trust_remote_code=True, as a user of the published "
-                   "model would. This EXECUTES the folder's Python code (modeling, configuration, tokenizer), in a child "
-                   "process without credentials in its environment, stopped after --check-load-timeout seconds "
-                   f"({LOAD_CHECK_TIMEOUT_S} by default).")
+                   "model would. This EXECUTES the folder's Python code (modeling, configuration, tokenizer), in a "
+                   "sandbox (Linux namespaces through util-linux `unshare`: no network, none of your files or "
+                   "processes, no credentials, the checkpoint read-only), stopped with everything it started after "
+                   f"--check-load-timeout seconds ({LOAD_CHECK_TIMEOUT_S} by default). Refused where no sandbox can be made.")
+@click.option("--check-load-unsandboxed", is_flag=True,
+              help="Like --check-load, but where no sandbox can be made, run the folder's code as you: it can then "
+                   "read your files and credentials, use the network, and leave processes behind.")
 @click.option("--check-load-timeout", type=click.IntRange(min=1), default=LOAD_CHECK_TIMEOUT_S, show_default=True,
               help="Seconds the --check-load process may take.")
 @click.option("--hub-timeout", type=click.FloatRange(min=0.1), default=HUB_TIMEOUT_S, show_default=True,
               help="Seconds of silence from the Hub (connecting, or between bytes) before the push gives up.")
-def push_command(folder, repo_id, private, branch, create_pr, message, token, dry_run, check_load, check_load_timeout,
-                 hub_timeout):
+def push_command(folder, repo_id, private, branch, create_pr, message, token, dry_run, check_load,
+                 check_load_unsandboxed, check_load_timeout, hub_timeout):
     """Validate the checkpoint in FOLDER, write its model card, and upload it to the Hugging Face Hub.
 
     The folder is checked without running any of its code: config, custom-code files, weights, tokenizer.
-    --check-load also loads it in a fresh process, which runs its code. Any problem stops the push
+    --check-load also loads it in a fresh, sandboxed process, which runs its code. Any problem stops the push
     before anything is uploaded, and the folder's README.md becomes the model card only once the upload
     has succeeded. Optimizer, scheduler and RNG states, checkpoint-* folders and logs stay home.
     """
@@ -100,6 +104,7 @@ def push_command(folder, repo_id, private, branch, create_pr, message, token, dr
     from lns_surgery.publish.upload import push
 
     result = push(folder, repo_id, private=private, branch=branch, create_pr=create_pr, message=message,
-                  token=token, dry_run=dry_run, check_load=check_load, load_timeout=check_load_timeout,
-                  progress=_progress, timeout=hub_timeout)
+                  token=token, dry_run=dry_run, check_load=check_load or check_load_unsandboxed,
+                  load_timeout=check_load_timeout, progress=_progress, timeout=hub_timeout,
+                  allow_unsandboxed=check_load_unsandboxed)
     echo_result(result, show_card=dry_run)

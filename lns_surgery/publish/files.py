@@ -40,6 +40,11 @@ EXCLUDED_FILES = (
     ("training_args.bin", "pickled training arguments: may hold credentials, not needed to load"),
     ("*.pyc", "Python cache"),
     (".gitattributes", None),  # kept: the Hub reads it
+    # Hidden already, but named, since huggingface_hub's own upload would send them: the marker lists
+    # the process id and host name of the run that wrote the folder.
+    (".lns-*", "lns-surgery's own bookkeeping (the output marker)"),
+    ("*.lns-lock", "lns-surgery's lock file"),
+    ("*.lns-tmp-*", "a temporary file of an lns-surgery run"),
     (".*", "hidden file"),
 )
 

@@ -1,8 +1,8 @@
 """Publishing a checkpoint: check it, write its card, upload exactly the checked files.
 
 Order matters. The token and the Hub are checked first (seconds), then the checkpoint (statically;
-with ``check_load`` a fresh process also loads it, running its code), and only then is anything
-written remotely: ``create_repo(exist_ok=True)``, ``create_branch`` for ``branch``, one
+with ``check_load`` a fresh process in a sandbox also loads it, running its code), and only then is
+anything written remotely: ``create_repo(exist_ok=True)``, ``create_branch`` for ``branch``, one
 ``upload_folder`` commit. Any refusal before that point leaves the Hub untouched, and the user's
 folder is changed (its README.md becomes the card) only once the upload has succeeded. The token is
 passed to huggingface_hub and nowhere else: it is not printed, not logged, not given to the check
@@ -21,7 +21,13 @@ from lns_surgery.core.errors import LNSError, first_line
 from lns_surgery.core.outputs import process_alive
 from lns_surgery.publish.card import RenderedCard, render_model_card
 from lns_surgery.publish.files import Selection, human_size, select_files, staged_view, view_selection
-from lns_surgery.publish.validate import LOAD_CHECK_TIMEOUT_S, Validation, check_checkpoint, load_check
+from lns_surgery.publish.validate import (
+    LOAD_CHECK_TIMEOUT_S,
+    SandboxUnavailable,
+    Validation,
+    check_checkpoint,
+    load_check,
+)
 
 CARD_NAME = "README.md"
 
@@ -149,8 +155,7 @@ def _upload(api, view: Path, repo_id: str, *, private: bool, branch: str | None,
 
 def _default_message(validation: Validation) -> str:
     info = validation.info
-    base = info.source.get("model")
-    name = Path(base.rstrip("/")).name if isinstance(base, str) and base.startswith(("/", ".", "~")) else base
+    name = info.source.get("model")  # a Hub id, a builtin: name or a folder's name: check_checkpoint saw to it
     kind = "LayerNorm Scaling (folded)" if info.kind == "lns-folded" else "LayerNorm Scaling"
     return f"Upload {name or info.base_model_type} with {kind} (lns-surgery)"
 
@@ -169,6 +174,23 @@ def _write_card(folder: Path, text: str) -> None:
     temporary = folder / f"{_CARD_TEMPORARY}{os.getpid()}"
     temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, target)
+
+
+def _load_check(view: Path, kind: str, files: list[str], timeout: float, allow_unsandboxed: bool, say,
+                folder: Path):
+    say(f"loading the checkpoint in a fresh process in a sandbox (runs the folder's code, trust_remote_code=True, "
+        f"without lns-surgery; at most {timeout:.0f} s) ...")
+    try:
+        try:
+            return load_check(view, kind, timeout=timeout, files=files)
+        except SandboxUnavailable as exc:
+            if not allow_unsandboxed:
+                raise
+            say(f"no sandbox can be made here ({exc.reason}): loading it WITHOUT a sandbox, as you, as "
+                "--check-load-unsandboxed allows ...")
+            return load_check(view, kind, timeout=timeout, files=files, sandbox=False)
+    except LNSError as exc:
+        raise LNSError(f"cannot publish '{folder}': {exc}") from None
 
 
 def _check_arguments(repo_id: str, branch: str | None, create_pr: bool, message: str | None) -> None:
@@ -199,24 +221,27 @@ def push(
     load_timeout: float = LOAD_CHECK_TIMEOUT_S,
     progress: Callable[[str], None] | None = None,
     timeout: float = HUB_TIMEOUT_S,
+    allow_unsandboxed: bool = False,
 ) -> PushResult:
     """Validate ``folder`` and publish it as the model repository ``repo_id``; returns what was done.
 
     ``dry_run`` does everything except talking to the Hub and writing README.md into the folder: it
     returns the file list, the rendered card and the validation result. ``check_load`` also loads the
-    checkpoint in a fresh process, which executes the folder's code (see ``validate.load_check``);
-    without it nothing of the folder is run. Raises LNSError (one line, token-free) on any refusal or
-    failure; nothing is uploaded then, and the folder is left as it was. ``progress`` receives a line
+    checkpoint in a fresh process, which executes the folder's code, in a sandbox (see
+    ``validate.load_check``); where none can be made the push is refused, unless ``allow_unsandboxed``
+    accepts running that code as the user. Without ``check_load`` nothing of the folder is run. Raises
+    LNSError (one line, token-free) on any refusal or failure; nothing is uploaded then, and the
+    folder is left as it was. ``progress`` receives a line
     before each slow step. ``timeout`` is how many seconds of silence from the Hub end the push.
     """
     with hub_timeout(timeout):
         return _push(folder, repo_id, private=private, branch=branch, create_pr=create_pr, message=message,
                      token=token, dry_run=dry_run, check_load=check_load, endpoint=endpoint,
-                     load_timeout=load_timeout, progress=progress)
+                     load_timeout=load_timeout, progress=progress, allow_unsandboxed=allow_unsandboxed)
 
 
 def _push(folder, repo_id, *, private, branch, create_pr, message, token, dry_run, check_load, endpoint,
-          load_timeout, progress) -> PushResult:
+          load_timeout, progress, allow_unsandboxed) -> PushResult:
     say = progress or (lambda line: None)
     folder = Path(folder)
     _check_arguments(repo_id, branch, create_pr, message)
@@ -234,16 +259,11 @@ def _push(folder, repo_id, *, private, branch, create_pr, message, token, dry_ru
     card = render_model_card(info, repo_id, existing)
     replacements = {CARD_NAME: card.text}
     with staged_view(selection, replacements) as view:
+        uploaded = view_selection(view, selection, replacements)
         load = None
         if check_load:
-            say(f"loading the checkpoint in a fresh process (runs the folder's code, trust_remote_code=True, "
-                f"without lns-surgery; at most {load_timeout:.0f} s) ...")
-            try:
-                load = load_check(view, info.kind, timeout=load_timeout)
-            except LNSError as exc:
-                raise LNSError(f"cannot publish '{folder}': {exc}") from None
+            load = _load_check(view, info.kind, uploaded.paths(), load_timeout, allow_unsandboxed, say, folder)
         validation = Validation(info, load)
-        uploaded = view_selection(view, selection, replacements)
         revision = branch or "main"
         if dry_run:
             return PushResult(repo_id, revision, create_pr, True, uploaded, card, validation)
