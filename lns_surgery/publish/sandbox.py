@@ -126,6 +126,10 @@ def build_root(spec: dict) -> str:
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing done here propagates to the real mounts
     os.makedirs(root, exist_ok=True)
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    # A fresh /tmp first: a Python environment that lives under /tmp (a CI job's venv) is bound into it
+    # below, read-only, instead of being hidden by it.
+    os.makedirs(root + "/tmp")
+    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
 
     exposed = []
     for path in SYSTEM:
@@ -170,9 +174,6 @@ def build_root(spec: dict) -> str:
             _mount("/sys", root + "/sys", None, MS_BIND)
         except SetupError:
             pass
-    os.makedirs(root + "/tmp", exist_ok=True)
-    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-
     if not _no_link_inside(root, scratch):
         raise SetupError(f"the scratch folder {scratch} is reached through a symbolic link")
     work = root + scratch

@@ -395,11 +395,9 @@ def _exposed_paths(env: dict[str, str], cwd: Path) -> list[str]:
         if not isinstance(candidate, str) or not os.path.isabs(candidate) or not os.path.exists(candidate):
             continue
         path = os.path.abspath(candidate)
-        # A folder that holds a private place would show it whole: never shown. Below /tmp nothing
-        # can be shown: the sandbox's own /tmp covers it.
+        # A folder that holds a private place would show it whole: never shown. A folder below /tmp (a
+        # CI job's virtual environment) is bound, read-only, into the sandbox's own fresh /tmp.
         if path == "/" or any(place == path or place.startswith(path.rstrip("/") + "/") for place in private):
-            continue
-        if any(path == tmp or path.startswith(tmp.rstrip("/") + "/") for tmp in ("/tmp", tempfile.gettempdir())):
             continue
         kept.add(path)
     return sorted(kept)
