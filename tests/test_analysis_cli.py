@@ -197,8 +197,9 @@ def test_analyze_in_memory_models_and_overwrite(tmp_path, stories_path):
     with pytest.raises(LNSError, match="already exists"):
         analyze([stock], texts, out, tokenizer=tokenizer, max_tokens=512, seq_len=64, progress=False)
     lns_model = lns_surgery.apply_layernorm_scaling(lns_surgery.load_model(str(stories_path)))
+    # converted in memory, the LNS model records its source by the folder's name only: named here
     second = analyze([stock, lns_model], texts, out, tokenizer=tokenizer, names=["stock", "lns"], max_tokens=512,
-                     seq_len=64, overwrite=True, progress=False)
+                     seq_len=64, overwrite=True, progress=False, source=str(stories_path))
     assert [m["name"] for m in second["models"]] == ["stock", "lns"]
     assert json.loads((out / "report.json").read_text())["models"][1]["status"] == "lns"
     assert sorted(p.name for p in out.iterdir()) == [".lns-surgery-output", "angular-lns.png", "angular-stock.png",

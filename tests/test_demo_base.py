@@ -239,9 +239,10 @@ def test_training_script_reproduces_the_shipped_model(tmp_path):
 
 
 def _config_meaning(folder) -> dict:
-    """The model config as the installed transformers reads it, without the version stamp."""
+    """The model config as the installed transformers reads it, without its version and folder."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder).to_dict()
-    config.pop("transformers_version", None)
+    for stamp in ("transformers_version", "_name_or_path"):  # where and by which version, not what
+        config.pop(stamp, None)
     return config

@@ -260,18 +260,21 @@ def test_gpu_check_fails_fast_without_a_gpu(tmp_path):
     script = str(REPO_ROOT / "scripts" / "gpu_check.sh")
     bash = shutil.which("bash")
     # no nvidia-smi on PATH at all
-    bare = subprocess.run([bash, script, str(out)], capture_output=True, text=True, timeout=60,
+    bare = subprocess.run([bash, script, str(out / "bare")], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PATH": str(tmp_path / "empty-bin") + os.pathsep + "/usr/bin:/bin"})
     # nvidia-smi present (a stub) but torch without CUDA
     stub = tmp_path / "bin" / "nvidia-smi"
     stub.parent.mkdir()
     stub.write_text("#!/bin/sh\necho 'GPU 0: stub'\n")
     stub.chmod(0o755)
-    no_cuda = subprocess.run([bash, script, str(out)], capture_output=True, text=True, timeout=120,
+    no_cuda = subprocess.run([bash, script, str(out / "no-cuda")], capture_output=True, text=True, timeout=120,
                              env={**os.environ, "PATH": str(stub.parent) + os.pathsep + os.environ["PATH"],
                                   "PYTHON": sys.executable})
-    for result, reason in ((bare, "nvidia-smi not found"), (no_cuda, "cannot use the GPU")):
+    for result, reason, folder in ((bare, "nvidia-smi not found", "bare"), (no_cuda, "cannot use the GPU", "no-cuda")):
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("gpu_check: ") and reason in lines[0]
-    assert not out.exists()
+        # what comes back from a lent machine says why: the summary records the failed setup, and no stage ran
+        summary = json.loads((out / folder / "summary.json").read_text())
+        assert [stage["stage"] for stage in summary["stages"]] == ["setup"] and not summary["finished"]
+        assert summary["stages"][0]["status"].startswith("failed: gpu_check: ") and reason in summary["stages"][0]["status"]
