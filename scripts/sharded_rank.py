@@ -14,42 +14,17 @@ import os
 import re
 import sys
 
-from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DistributedType
+from cpu_sharding import LAUNCHERS, shard_on_this_device  # beside this script
 
 launcher, settings, out, lora = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 
-# accelerate (1.16) sets up FSDP and DeepSpeed only on GPU-like devices: on CPU a run with an FSDP plugin
-# stays MULTI_CPU (DDP; lns-surgery refuses that), and DeepSpeed is skipped under use_cpu and finds no
-# backend without it. Each patch makes the one decision accelerate makes on a GPU, for CPU and gloo, and
-# changes nothing on a GPU (where neither condition holds); everything after it (fully_shard per block,
-# ZeRO-3 partitioning, the collectives, gathering the full state dict, the Trainer's save paths) is
-# accelerate's, DeepSpeed's and transformers' own code.
-if launcher == "fsdp":
-    _accelerator_state_init = AcceleratorState.__init__
-
-    def _init_with_cpu_fsdp(self, *args, fsdp_plugin=None, **kwargs):
-        _accelerator_state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-    AcceleratorState.__init__ = _init_with_cpu_fsdp
-elif launcher == "zero3":
-    _prepare_backend = PartialState._prepare_backend
-
-    def _prepare_cpu_backend(self, cpu=False, sagemaker_dp=False, backend=None):
-        backend, distributed_type = _prepare_backend(self, cpu, sagemaker_dp, backend)
-        if distributed_type == DistributedType.NO and int(os.environ.get("LOCAL_RANK", -1)) != -1:
-            return "gloo", DistributedType.MULTI_CPU  # DeepSpeed's CPU accelerator talks gloo too
-        return backend, distributed_type
-
-    PartialState._prepare_backend = _prepare_cpu_backend
+if launcher in LAUNCHERS:
+    shard_on_this_device(launcher)  # on CPU, the one decision accelerate makes on a GPU (see cpu_sharding.py)
 elif launcher != "none":
     raise SystemExit(f"sharded_rank.py: unknown launcher {launcher!r} (fsdp, zero3 or none)")
 
 from torch.distributed.fsdp import FSDPModule  # noqa: E402
+from accelerate.state import AcceleratorState  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 

@@ -12,41 +12,21 @@ tests/test_training_distill_sharded.py.
 import json
 import os
 import sys
+from pathlib import Path
 
-from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DistributedType
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from cpu_sharding import LAUNCHERS, shard_on_this_device  # noqa: E402
 
 launcher, settings, out, modes = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 IDS = [1, 403, 407, 261, 378, 275, 261, 157, 29, 13]
 
-# accelerate (1.16) sets up FSDP and DeepSpeed only on GPU-like devices. As in scripts/sharded_rank.py,
-# each patch makes the one decision accelerate makes on a GPU, for CPU and gloo; everything after it is
-# accelerate's, DeepSpeed's and transformers' own code.
-if launcher == "fsdp":
-    _accelerator_state_init = AcceleratorState.__init__
-
-    def _init_with_cpu_fsdp(self, *args, fsdp_plugin=None, **kwargs):
-        _accelerator_state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-    AcceleratorState.__init__ = _init_with_cpu_fsdp
-elif launcher == "zero3":
-    _prepare_backend = PartialState._prepare_backend
-
-    def _prepare_cpu_backend(self, cpu=False, sagemaker_dp=False, backend=None):
-        backend, distributed_type = _prepare_backend(self, cpu, sagemaker_dp, backend)
-        if distributed_type == DistributedType.NO and int(os.environ.get("LOCAL_RANK", -1)) != -1:
-            return "gloo", DistributedType.MULTI_CPU  # DeepSpeed's CPU accelerator talks gloo too
-        return backend, distributed_type
-
-    PartialState._prepare_backend = _prepare_cpu_backend
+if launcher in LAUNCHERS:
+    shard_on_this_device(launcher)  # on CPU, the one decision accelerate makes on a GPU (see cpu_sharding.py)
 elif launcher != "ddp":
     raise SystemExit(f"distill_rank.py: unknown launcher {launcher!r} (fsdp, zero3 or ddp)")
 
 import torch  # noqa: E402
+from accelerate.state import AcceleratorState  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
