@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -98,3 +100,21 @@ def pytest_terminal_summary(terminalreporter):
             f"zoo: {counts['exact']} converted exactly, {counts['refused']} refused, "
             f"{counts['not buildable']} not buildable tiny, of {counts['types']} model types"
         )
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """Every entry below ``root``: files by content hash, links by target, folders and special files
+    by kind. Nothing is opened but regular files, so a FIFO cannot block it."""
+    state = {}
+    for folder, directories, names in os.walk(root):
+        for name in directories + names:
+            path = Path(folder) / name
+            info = path.lstat()
+            key = path.relative_to(root).as_posix()
+            if stat.S_ISLNK(info.st_mode):
+                state[key] = ("link", os.readlink(path))
+            elif stat.S_ISREG(info.st_mode):
+                state[key] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
+            else:
+                state[key] = ("kind", stat.S_IFMT(info.st_mode))
+    return state

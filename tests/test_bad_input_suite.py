@@ -12,7 +12,6 @@ for, it runs without credentials and is stopped in time; a convert killed mid-co
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, STORIES, invoke_cli, shared_path
+from conftest import REPO_ROOT, STORIES, invoke_cli, shared_path, tree_state
 
 from lns_surgery.core.outputs import MARKER_NAME
 
@@ -48,24 +47,6 @@ def models(tmp_path_factory):
         path.chmod(path.stat().st_mode | stat.S_IWUSR)
     lns_surgery.convert(stock, root / "stories-lns")
     return {"stock": stock, "lns": root / "stories-lns"}
-
-
-def tree_state(root: Path) -> dict[str, tuple]:
-    """Every entry below ``root``: files by content hash, links by target, folders and special files
-    by kind. Nothing is opened but regular files, so a FIFO cannot block it."""
-    state = {}
-    for folder, directories, names in os.walk(root):
-        for name in directories + names:
-            path = Path(folder) / name
-            info = path.lstat()
-            key = path.relative_to(root).as_posix()
-            if stat.S_ISLNK(info.st_mode):
-                state[key] = ("link", os.readlink(path))
-            elif stat.S_ISREG(info.st_mode):
-                state[key] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
-            else:
-                state[key] = ("kind", stat.S_IFMT(info.st_mode))
-    return state
 
 
 # --- the table ------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, STORIES, invoke_cli, shared_path
+from conftest import REPO_ROOT, STORIES, invoke_cli, shared_path, tree_state
 
 from lns_surgery.core import outputs
 from lns_surgery.core.errors import LNSError
@@ -37,23 +37,6 @@ def stock(tmp_path_factory) -> Path:
     for path in (folder, *folder.rglob("*")):
         path.chmod(path.stat().st_mode | stat.S_IWUSR)
     return folder
-
-
-def tree_state(root: Path) -> dict[str, tuple]:
-    """Every entry below ``root``: files by content hash, links by target, the rest by kind."""
-    state = {}
-    for folder, directories, names in os.walk(root):
-        for name in directories + names:
-            path = Path(folder) / name
-            info = path.lstat()
-            key = path.relative_to(root).as_posix()
-            if stat.S_ISLNK(info.st_mode):
-                state[key] = ("link", os.readlink(path))
-            elif stat.S_ISREG(info.st_mode):
-                state[key] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
-            else:
-                state[key] = ("kind", stat.S_IFMT(info.st_mode))
-    return state
 
 
 def error_line(result) -> str:
