@@ -125,7 +125,15 @@ def _assert_outputs_match(runs, seen, one_process, tolerance):
 
 @pytest.mark.slow
 def test_fsdp2_on_cpu_matches_one_process(stories_path, tmp_path, one_process):
-    runs, seen = _launch("fsdp", _settings(stories_path, per_device_train_batch_size=2), tmp_path)
+    # a checkpoint after step 2: the shipped config writes checkpoints sharded, the final model whole
+    settings = _settings(stories_path, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+    runs, seen = _launch("fsdp", settings, tmp_path)
+    for mode in ("full", "lora"):
+        checkpoint = runs / mode / "checkpoints" / "checkpoint-2"
+        for state in ("pytorch_model_fsdp_0", "optimizer_0"):  # one file per rank, model and optimizer
+            shards = sorted(path.name for path in (checkpoint / state).glob("*.distcp"))
+            assert shards == ["__0_0.distcp", "__1_0.distcp"], (mode, state, sorted(p.name for p in checkpoint.iterdir()))
+        assert not (checkpoint / "model.safetensors").exists()  # nothing gathered on one process
     for mode, ranks in seen.items():
         for rank in ranks:
             # FSDP2 really ran: every parameter a DTensor shard, each decoder block its own FSDP unit

@@ -8,6 +8,7 @@ renamed to ``output_dir``. ``resume`` continues from that folder's last checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -373,6 +374,30 @@ def _refuse_non_finite_weights(trainer, work: Path, metrics: dict, state) -> Non
                         f"nothing was exported, and '{work}' is kept for inspection (try a lower learning_rate)")
 
 
+@contextlib.contextmanager
+def _whole_model_saves(trainer):
+    """Within: the Trainer saves an FSDP2 model whole, as ``from_pretrained`` reads it.
+
+    With ``fsdp_state_dict_type: SHARDED_STATE_DICT`` (the shipped FSDP configs) every checkpoint during
+    training is written by each rank for its own shard, without gathering the model on one process; but
+    transformers' ``save_model`` then writes no model at all, so the final one is saved as a full state
+    dict, which accelerate gathers for FSDP2 whatever the plugin's type says.
+    """
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if not trainer.is_fsdp_enabled or plugin is None or getattr(plugin, "fsdp_version", 1) != 2 \
+            or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        yield
+        return
+    from torch.distributed.fsdp import StateDictType
+
+    sharded = plugin.state_dict_type
+    plugin.state_dict_type = StateDictType.FULL_STATE_DICT
+    try:
+        yield
+    finally:
+        plugin.state_dict_type = sharded
+
+
 def _save_outputs(trainer, recipe: Recipe, work: Path, final: Path, info: dict, metrics: dict, state):
     """Write the final model (and adapter), metrics.json and recipe.yaml into ``work``, then rename it."""
     import yaml
@@ -386,7 +411,8 @@ def _save_outputs(trainer, recipe: Recipe, work: Path, final: Path, info: dict, 
     model = None
     if info["lora"]:
         adapter_dir = work / "adapter"
-        trainer.save_model(str(adapter_dir))  # every rank takes part (FSDP / ZeRO-3 gather the weights)
+        with _whole_model_saves(trainer):
+            trainer.save_model(str(adapter_dir))  # every rank takes part (FSDP / ZeRO-3 gather the weights)
         if args.export in ("both", "adapter") and state.is_main_process:
             from lns_surgery.training.distributed import outside_zero3_init
 
@@ -405,7 +431,8 @@ def _save_outputs(trainer, recipe: Recipe, work: Path, final: Path, info: dict, 
             model = trainer.model
     else:
         trainer.model.config.use_cache = True
-        trainer.save_model(str(work))
+        with _whole_model_saves(trainer):
+            trainer.save_model(str(work))
         model = trainer.model
     if state.is_main_process:
         write_metrics(work / "metrics.json", metrics)
