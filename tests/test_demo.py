@@ -52,7 +52,8 @@ def test_every_stage_leaves_its_artefact(quick_demo):
     assert [m["name"] for m in report["models"]] == ["base", "converted", "healed", "sft"]
     assert [m["status"] for m in report["models"]] == ["stock", "lns", "lns", "lns"]
     plots = summary["stages"]["analyze"]["plots"]
-    assert {"analysis/variance.png", "analysis/removal.png", "analysis/angular-base.png"} <= set(plots)
+    assert {"analysis/variance.png", "analysis/removal.png", "analysis/angular-base.png",
+            "analysis/effective-scales.png"} <= set(plots)  # the LNS models record builtin:demo as their source
     for plot in plots:
         assert (out / plot).read_bytes().startswith(b"\x89PNG"), plot
 

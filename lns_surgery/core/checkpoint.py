@@ -39,13 +39,16 @@ def source_record(source: str | os.PathLike | None, revision: str | None = None)
     published with it, never a path of this machine. A Hub id (and its revision; a folder of the local
     Hub cache counts as its repository and commit), a ``builtin:`` name, or for a local folder only its
     name, marked ``"local": True``, so that no one mistakes it for a Hub id."""
-    from lns_surgery.core.sources import BUILTIN_PREFIX, is_hub_id
+    from lns_surgery.core.sources import BUILTIN_PREFIX, builtin_name, is_hub_id
 
     if source is None or not str(source):
         return {"model": None, "revision": None}
     text = str(source)
     if text.startswith(BUILTIN_PREFIX):
         return {"model": text, "revision": None}
+    builtin = builtin_name(text) if Path(text).expanduser().is_dir() else None
+    if builtin is not None:  # a built-in model loaded from its folder (the demo converts in memory)
+        return {"model": builtin, "revision": None}
     path = Path(text).expanduser()
     if path.exists() or not is_hub_id(text):
         real = path.resolve()

@@ -64,6 +64,17 @@ def builtin_path(name: str) -> Path:
     return folder
 
 
+def builtin_name(folder: str | os.PathLike) -> str | None:
+    """``builtin:NAME`` when ``folder`` is a built-in model's folder (without building any), else None."""
+    real = Path(folder).expanduser().resolve()
+    candidates = {"demo": Path(str(resources.files("lns_surgery.demo").joinpath("base_model")))}
+    candidates["tiny-llama"] = cache_dir() / "builtin" / "tiny-llama"
+    for name, path in candidates.items():
+        if path.resolve() == real:
+            return BUILTIN_PREFIX + name
+    return None
+
+
 def resolve_builtin(name: str | os.PathLike):
     """``builtin:NAME`` becomes the built-in model's folder (a str); anything else is returned as it is."""
     if isinstance(name, str) and name.startswith(BUILTIN_PREFIX):
